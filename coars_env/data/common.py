@@ -112,3 +112,53 @@ class SplitData:
     @property
     def n_users(self) -> int:
         return len(self.users)
+
+
+@dataclass
+class DialogData:
+    """Everything an environment needs for one split: sessions, item texts, peers.
+
+    Built by ``coars_env.data.prepare.build_dialog_data``; small ones can be built by
+    hand in tests. ``opinions[(user, item)]`` is +1 (liked: rating >= 4, or any
+    interaction without ratings) or -1 (disliked: rating <= 2), from training data only.
+    ``item_features``: float32 ``[n_items, F]`` for numeric (non-LLM) views, e.g. SASRec
+    item embeddings. ``popularity``: training interaction counts per item.
+    """
+
+    name: str
+    split: str
+    sessions: list[Session]
+    items: pd.DataFrame  # dense index; raw_id + ITEM_COLUMNS
+    opinions: dict[tuple[int, int], int]
+    item_features: np.ndarray
+    popularity: np.ndarray
+    has_ratings: bool
+    alignment: list[AlignmentCase] = field(default_factory=list)
+    summary: str = ""
+    peer_k: int = 20  # at most this many peers with an opinion count towards q_t
+
+    def title(self, item: int) -> str:
+        return str(self.items.at[item, "title"])
+
+    def peer_opinions(self, peers: tuple[tuple[int, float], ...], item: int) -> list[tuple[int, float, int]]:
+        """(peer, weight, opinion) for the most similar peers that have an opinion on ``item``."""
+        found = []
+        for peer, weight in peers:
+            opinion = self.opinions.get((peer, item))
+            if opinion is not None:
+                found.append((peer, weight, opinion))
+                if len(found) == self.peer_k:
+                    break
+        return found
+
+    def peer_score(self, peers: tuple[tuple[int, float], ...], item: int) -> float:
+        """q_t of METHOD.md: weight-averaged peer opinion on ``item`` in [-1, 1]; 0 if none."""
+        return peer_score(self.peer_opinions(peers, item))
+
+
+def peer_score(opinions: list[tuple[int, float, int]]) -> float:
+    """q = sum w_p o_p / sum w_p with w_p clipped to [0, 1]; 0 when no weight."""
+    total = sum(min(max(w, 0.0), 1.0) for _, w, _ in opinions)
+    if total <= 0.0:
+        return 0.0
+    return sum(min(max(w, 0.0), 1.0) * o for _, w, o in opinions) / total

@@ -1,0 +1,1 @@
+"""CoARS agents: LLM policies, rollouts, baselines and the self-distilled trainer."""

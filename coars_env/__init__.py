@@ -1,0 +1,1 @@
+"""CoARS environments: recommender-user dialogues over real recommendation data."""
