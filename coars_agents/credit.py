@@ -1,0 +1,84 @@
+"""Self-distilled credit assignment and the CoARS loss, as pure tensor functions.
+
+METHOD.md, "Self-distilled credit assignment": for generated token n of turn t,
+
+    A[t, n] = clip(log pi_T(y | x, d, y_<n) - log pi_S(y | x, y_<n), -1, 1)      (no gradient)
+    J_k     = E[ sum_t 1/|y_t| * sum_n (R_k[t] + lambda_k * A[t, n]) * log pi_S(y | x, y_<n) ]
+
+The teacher (context x plus the hindsight reference d) and the student (context x) are
+the same network with the same adapter; only the contexts differ. Everything here works
+on padded ``[turns, tokens]`` tensors with a 0/1 ``token_mask`` (1 = a token the agent
+generated and that carries loss) and a per-turn ``turn_mask`` (0 = the turn is excluded,
+e.g. a miss-but-positive turn for the user agent).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def credit_advantages(
+    teacher_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    token_mask: torch.Tensor,
+    clip: float = 1.0,
+) -> torch.Tensor:
+    """Per-token advantage A = clip(log pi_T - log pi_S, -clip, clip), zero off the mask.
+
+    Detached: the credit term weighs the student's log-probs, it is not differentiated.
+    """
+    if teacher_logprobs.shape != student_logprobs.shape:
+        raise ValueError(
+            f"teacher and student log-probs must align token by token: "
+            f"{tuple(teacher_logprobs.shape)} vs {tuple(student_logprobs.shape)}"
+        )
+    advantage = (teacher_logprobs - student_logprobs).detach().clamp(-clip, clip)
+    return advantage * token_mask.to(advantage.dtype)
+
+
+def coars_policy_loss(
+    logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    token_mask: torch.Tensor,
+    turn_mask: torch.Tensor,
+    credit_coef: float = 0.1,
+) -> torch.Tensor:
+    """Negative of J_k for one batch of turns: the quantity to minimise.
+
+    Args:
+        logprobs: ``[turns, tokens]`` student log-probs of the generated tokens, with grad.
+        rewards: ``[turns]`` R_k of each turn (interaction reward, possibly normalised).
+        advantages: ``[turns, tokens]`` credit A from :func:`credit_advantages`.
+        token_mask: ``[turns, tokens]`` 1 on generated tokens that carry loss.
+        turn_mask: ``[turns]`` 1 for turns this agent trains on.
+        credit_coef: lambda_k.
+
+    Returns the mean over turns of ``-(1/|y_t|) sum_n (R_t + lambda A_tn) log pi``, where
+    ``|y_t| = max(1, tokens in the turn)``; masked turns contribute zero but keep the
+    graph, so a batch in which every turn is masked still runs backward (data-parallel
+    ranks must all call backward).
+    """
+    token_mask = token_mask.to(logprobs.dtype)
+    turn_mask = turn_mask.to(logprobs.dtype)
+    weights = (rewards.to(logprobs.dtype)[:, None] + credit_coef * advantages) * token_mask
+    lengths = token_mask.sum(dim=1).clamp(min=1.0)
+    per_turn = (weights * logprobs).sum(dim=1) / lengths
+    n_turns = max(1, logprobs.shape[0])
+    # `logprobs.sum() * 0` keeps every turn in the graph even when all are masked.
+    return -(per_turn * turn_mask).sum() / n_turns + logprobs.sum() * 0.0
+
+
+def group_normalise(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO-style option: (R - mean_group) / (std_group + eps) within each group id.
+
+    Groups of size one get 0 (no baseline to compare with).
+    """
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    for group in torch.unique(groups):
+        members = groups == group
+        values = rewards[members].float()
+        if values.numel() < 2:
+            continue
+        out[members] = (values - values.mean()) / (values.std(unbiased=False) + eps)
+    return out

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from coars_agents.credit import coars_policy_loss, credit_advantages, group_normalise
+
+
+def test_credit_sign_and_exact_clipping():
+    teacher = torch.tensor([[-0.5, -3.0, -0.1, -2.0]])
+    student = torch.tensor([[-1.0, -0.5, -2.5, -2.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    adv = credit_advantages(teacher, student, mask)
+    # +0.5 stays; -2.5 clips to exactly -1; +2.4 clips to exactly +1; masked token is 0.
+    assert adv.tolist() == [[0.5, -1.0, 1.0, 0.0]]
+
+
+def test_credit_is_detached_and_shapes_checked():
+    teacher = torch.zeros(2, 3, requires_grad=True)
+    student = torch.zeros(2, 3, requires_grad=True)
+    assert not credit_advantages(teacher, student, torch.ones(2, 3)).requires_grad
+    with pytest.raises(ValueError, match="align"):
+        credit_advantages(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
+
+
+def test_loss_exact_value_and_length_normalisation():
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    rewards = torch.tensor([1.0, -0.6])
+    advantages = torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]])
+    token_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    turn_mask = torch.tensor([1, 1])
+    loss = coars_policy_loss(logprobs, rewards, advantages, token_mask, turn_mask, 0.1)
+    turn1 = ((1 + 0.05) * -1.0 + (1 - 0.1) * -2.0) / 2
+    turn2 = ((-0.6 + 0.1) * -0.5) / 1
+    assert loss.item() == pytest.approx(-(turn1 + turn2) / 2)
+    loss.backward()
+    # d loss / d logprob = -(R + lambda A) / |y_t| / n_turns on generated tokens, 0 elsewhere.
+    expected = torch.tensor([[-1.05 / 4, -0.9 / 4, 0.0], [0.5 / 2, 0.0, 0.0]])
+    assert torch.allclose(logprobs.grad, expected)
+
+
+def test_masked_turns_contribute_nothing_but_backward_runs():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss = coars_policy_loss(
+        logprobs, torch.tensor([1.0]), torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([0]), 0.1
+    )
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logprobs.grad, torch.zeros(1, 2))
+
+
+def test_empty_answer_uses_length_one():
+    logprobs = torch.zeros(1, 2, requires_grad=True)
+    loss = coars_policy_loss(
+        logprobs, torch.tensor([1.0]), torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1]), 0.1
+    )
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_group_normalise_within_groups():
+    rewards = torch.tensor([1.0, -1.0, 0.5, 2.0])
+    groups = torch.tensor([0, 0, 1, 2])
+    out = group_normalise(rewards, groups)
+    assert out[0].item() == pytest.approx(1.0, abs=1e-5)
+    assert out[1].item() == pytest.approx(-1.0, abs=1e-5)
+    assert out[2].item() == 0.0 and out[3].item() == 0.0
