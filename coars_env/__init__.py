@@ -162,3 +162,8 @@ def _register_with_pettingzoo() -> None:
 
 
 _register_with_pettingzoo()
+
+# Single-agent Gymnasium views: gymnasium.make("coars/RecDialogRecommender-ml1m-v0"), ...
+from coars_env.wrappers import register_gymnasium_envs  # noqa: E402
+
+register_gymnasium_envs()
