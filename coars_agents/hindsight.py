@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from coars_env.dialog.parsing import ACTION_NAMES
+
 HEADER = "Hindsight reference (for training; the session is already over):"
 
 Turn = Mapping[str, object]
@@ -31,10 +33,18 @@ def _item_label(turn: Turn, title_of: Callable[[int], str]) -> str:
     return f'item {int(turn["rec_position"]) + 1} "{title_of(int(turn["rec_item"]))}"'
 
 
+def action_name(action: object) -> str:
+    """Turn records hold action codes (-1 when there was nothing to judge); names pass through."""
+    if isinstance(action, str):
+        return action
+    code = int(action)  # type: ignore[arg-type]
+    return ACTION_NAMES[code] if 0 <= code < len(ACTION_NAMES) else "nothing"
+
+
 def diagnose_turn(turn: Turn, title_of: Callable[[int], str]) -> str:
     """One line: what was recommended, how the user answered, and what was wrong."""
     label = _item_label(turn, title_of)
-    action = str(turn.get("action", "skip"))
+    action = action_name(turn.get("action", -1))
     parts = [f"Turn {turn['turn']}: recommended {label}; the user answered {action}."]
     if turn.get("rec_format_failure"):
         parts.append("Wrong: the recommendation did not follow the answer format.")

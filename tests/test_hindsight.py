@@ -50,6 +50,14 @@ def test_diagnosis_of_failures_repeats_and_misaligned_user():
     assert "real next item" in hit_skipped and "dislike was misaligned" in hit_skipped
 
 
+def test_action_codes_from_turn_records_are_named():
+    text = diagnose_turn(turn(1, 0, 11, False, 0), title_of)
+    assert "the user answered click." in text and "click was misaligned" in text
+    assert "answered nothing." in diagnose_turn(
+        turn(1, -1, -1, False, -1, rec_format_failure=True), title_of
+    )
+
+
 def test_user_reference_verdicts():
     yes = user_reference("Amélie", True, "Amélie", [], title_of)
     no = user_reference("Heat", False, "Amélie", [], title_of)
