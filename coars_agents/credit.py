@@ -82,3 +82,53 @@ def group_normalise(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e
             continue
         out[members] = (values - values.mean()) / (values.std(unbiased=False) + eps)
     return out
+
+
+def token_weights(
+    rewards: torch.Tensor, advantages: torch.Tensor, token_mask: torch.Tensor, credit_coef: float
+) -> torch.Tensor:
+    """``(R_t + lambda * A_tn) / |y_t|`` per token (zero off the mask): the paper's weight."""
+    token_mask = token_mask.to(advantages.dtype)
+    lengths = token_mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return (rewards.to(advantages.dtype)[:, None] + credit_coef * advantages) * token_mask / lengths
+
+
+def regularised_policy_loss(
+    logprobs: torch.Tensor,
+    weights: torch.Tensor,
+    token_mask: torch.Tensor,
+    turn_mask: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    clip_ratio: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """The CoARS loss with the optional PPO-style ratio clip and KL penalty (ours).
+
+    With ``clip_ratio == 0`` and ``kl_coef == 0`` this equals :func:`coars_policy_loss`
+    (``weights`` from :func:`token_weights`). With ``clip_ratio > 0`` the per-token term
+    ``w * log pi`` becomes PPO's ``min(r w, clip(r, 1-eps, 1+eps) w)`` with
+    ``r = pi / pi_old``, for several epochs per batch. ``kl_coef > 0`` adds the k3
+    estimator of KL(pi || pi_ref) to the frozen base, per generated token.
+    """
+    token_mask = token_mask.to(logprobs.dtype)
+    turn_mask = turn_mask.to(logprobs.dtype)
+    if clip_ratio > 0.0:
+        if old_logprobs is None:
+            raise ValueError("clip_ratio > 0 needs the rollout's old_logprobs")
+        ratio = torch.exp(logprobs - old_logprobs.detach())
+        clipped = ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
+        per_token = torch.minimum(ratio * weights, clipped * weights)
+    else:
+        per_token = weights * logprobs
+    if kl_coef > 0.0:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs the reference model's log-probs")
+        log_ratio = ref_logprobs.detach() - logprobs
+        kl = torch.exp(log_ratio) - log_ratio - 1.0
+        lengths = token_mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        per_token = per_token - kl_coef * kl * token_mask / lengths
+    per_turn = (per_token * token_mask).sum(dim=1)
+    n_turns = max(1, logprobs.shape[0])
+    return -(per_turn * turn_mask).sum() / n_turns + logprobs.sum() * 0.0

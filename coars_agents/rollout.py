@@ -87,6 +87,7 @@ Agent = LLMAgent | ScriptedAgent
 class AgentTurn:
     """What one LLM agent saw and generated in one turn (for scoring and the loss)."""
 
+    turn: int  # 1-based turn number (the user does not act after a recommender format failure)
     messages: Messages  # the student context x
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -181,6 +182,7 @@ def rollout(
             for i, messages, gen in zip(slots, batch, generations):
                 replies[i] = gen.text
                 turn = AgentTurn(
+                    venv.envs[i].turn,
                     messages, gen.prompt_ids, gen.completion_ids, gen.logprobs, gen.forced, gen.text
                 )
                 (episodes[i].recommender if role == RECOMMENDER else episodes[i].user_agent).append(

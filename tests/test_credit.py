@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,49 @@ def test_group_normalise_within_groups():
     assert out[0].item() == pytest.approx(1.0, abs=1e-5)
     assert out[1].item() == pytest.approx(-1.0, abs=1e-5)
     assert out[2].item() == 0.0 and out[3].item() == 0.0
+
+
+def test_regularised_loss_reduces_to_paper_form_and_clips():
+    from coars_agents.credit import regularised_policy_loss, token_weights
+
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    rewards = torch.tensor([1.0, -0.6])
+    advantages = torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]])
+    token_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    turn_mask = torch.tensor([1, 1])
+    weights = token_weights(rewards, advantages, token_mask, 0.1)
+    plain = regularised_policy_loss(logprobs, weights, token_mask, turn_mask)
+    paper = coars_policy_loss(logprobs, rewards, advantages, token_mask, turn_mask, 0.1)
+    assert plain.item() == pytest.approx(paper.item())
+    # PPO clip: a ratio of e (> 1.2) with a positive weight is clipped to 1.2 * w.
+    new = torch.tensor([[0.0]], requires_grad=True)
+    loss = regularised_policy_loss(
+        new,
+        torch.tensor([[1.0]]),
+        torch.ones(1, 1),
+        torch.ones(1),
+        old_logprobs=torch.tensor([[-1.0]]),
+        clip_ratio=0.2,
+    )
+    assert loss.item() == pytest.approx(-1.2)
+    loss.backward()
+    assert new.grad.item() == 0.0  # clipped: no gradient pushes further
+    # KL to the reference: zero when the policy equals it, positive otherwise.
+    same = regularised_policy_loss(
+        torch.tensor([[-1.0]]),
+        torch.zeros(1, 1),
+        torch.ones(1, 1),
+        torch.ones(1),
+        ref_logprobs=torch.tensor([[-1.0]]),
+        kl_coef=0.5,
+    )
+    apart = regularised_policy_loss(
+        torch.tensor([[-1.0]]),
+        torch.zeros(1, 1),
+        torch.ones(1, 1),
+        torch.ones(1),
+        ref_logprobs=torch.tensor([[-2.0]]),
+        kl_coef=0.5,
+    )
+    assert same.item() == 0.0
+    assert apart.item() == pytest.approx(0.5 * (math.exp(-1.0) + 1.0 - 1.0))

@@ -1,0 +1,708 @@
+"""CoARS: co-evolving recommender and user LLM agents with self-distilled credit assignment.
+
+One readable trainer (CleanRL / TRL style): :class:`CoARSConfig` holds every knob with a
+docstring; :class:`CoARSTrainer` runs the loop of METHOD.md:
+
+1. sample training sessions (seeded by ``(seed, step)``, so resuming needs no RNG state);
+2. roll out both LLM agents in lock-step (:func:`coars_agents.rollout.rollout`), optionally
+   several rollouts per session;
+3. take the interaction rewards and masks from the env's turn records;
+4. build hindsight references ``d`` (:mod:`coars_agents.hindsight`): the target and a
+   diagnosis of the session's previous trajectory (or, on a first visit, the current one);
+5. score every generated token under the student (``x``, with gradient) and the teacher
+   (``x + d``, no gradient), same network and adapter;
+6. ``A = clip(log pi_T - log pi_S, -1, 1)`` and the loss of METHOD.md per agent
+   (:mod:`coars_agents.credit`), masked turns and non-generated tokens excluded;
+7. an optimizer step on each agent's LoRA adapter.
+
+The defaults are the paper's plain form (alpha = lambda = 0.1, no ratio, no KL). Options
+(ours): group-normalised rewards, a PPO-style clipped ratio with several epochs, KL to the
+frozen base, a linear lambda schedule, training one agent only, and outcome-only reward
+(the RL baseline: final hit, no credit term).
+
+Built on ``accelerate.Accelerator`` (device placement, mixed precision, gradient
+accumulation, gradient all-reduce across data-parallel processes, trackers). Checkpoints
+hold the adapters, optimizer states, the step and the hindsight memory; a killed run
+resumes from the last one and continues exactly as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from coars_agents.credit import (
+    credit_advantages,
+    group_normalise,
+    regularised_policy_loss,
+    token_weights,
+)
+from coars_agents.hindsight import recommender_reference, user_reference, with_reference
+from coars_agents.policy import LLMPolicy, LoraSettings, SamplingConfig
+from coars_agents.rollout import AgentTurn, Episode, LLMAgent, rollout
+from coars_env.data.common import DialogData
+from coars_env.dialog.env import RECOMMENDER, USER
+from coars_env.vector import VectorRecDialogEnv
+
+AGENTS = (RECOMMENDER, USER)
+
+
+@dataclass
+class CoARSConfig:
+    """Every knob of a CoARS run. Defaults: the CPU preset on the synthetic dataset."""
+
+    # --- experiment -------------------------------------------------------------------------
+    env_id: str = "RecDialog-synthetic"
+    """Environment id (``coars_env.list_envs()``): RecDialog-synthetic | -ml100k | -ml1m | -lastfm."""
+    model: str = "smollm2"
+    """Base LLM: ``smollm2`` (offline SmolLM2-135M-Instruct), a local path, a hub id, or
+    ``tiny`` (a random 1M-parameter test model; learns nothing useful, for smoke tests)."""
+    output_dir: str = "runs/coars"
+    """Checkpoints, ``metrics.jsonl``/``metrics.csv``, TensorBoard events and trajectory logs."""
+    seed: int = 0
+    """Seeds session sampling, rollouts, adapters' initialisation and evaluation."""
+    data_dir: str | None = None
+    """Dataset root (default: ``COARS_DATA_DIR``, else the per-user cache)."""
+
+    # --- rollouts ---------------------------------------------------------------------------
+    total_steps: int = 40
+    """Optimizer steps (each on a fresh batch of rollouts)."""
+    sessions_per_step: int = 8
+    """Training sessions sampled per step."""
+    rollouts_per_session: int = 1
+    """Rollouts per session (the group size G for group-normalised rewards)."""
+    max_turns: int = 3
+    """T: dialogue turns per session (the paper uses 5; 3 keeps CPU runs short)."""
+    history_items: int = 10
+    """Visible history items in prompts."""
+    temperature: float = 1.0
+    """Sampling temperature of both agents during training rollouts."""
+    reason_tokens: int = 24
+    """Token budget of each rationale (constrained decoding)."""
+    constrained: bool = True
+    """Decode through the answer templates, so every answer parses (small models need it)."""
+    max_new_tokens: int = 48
+    """Upper bound on generated tokens per answer."""
+
+    # --- rewards and credit (METHOD.md) ------------------------------------------------------
+    alpha: float = 0.1
+    """Peer term weight in R_user."""
+    gamma: float = 0.9
+    """Stage factor D_t = gamma**(t-1) for hits (ours)."""
+    credit_coef_rec: float = 0.1
+    """lambda_rec: weight of the self-distilled token credit A for the recommender."""
+    credit_coef_user: float = 0.1
+    """lambda_user: weight of the token credit for the user agent."""
+    credit_schedule: Literal["constant", "linear_decay"] = "constant"
+    """``linear_decay`` anneals lambda to 0 over ``total_steps`` (ours)."""
+    reward_mode: Literal["interaction", "outcome"] = "interaction"
+    """``outcome``: the RL baseline: every recommender turn gets +1 if the episode's final
+    recommendation hits, else -1; no credit term; the user agent is not trained."""
+    group_normalise: bool = False
+    """GRPO-style: normalise each agent's turn rewards within the rollouts of a session."""
+    train_agents: Literal["both", "recommender", "user"] = "both"
+    """Which adapters learn (the ablations train one)."""
+    exclude_miss_positive: Literal["user", "both"] = "user"
+    """Who loses miss-but-positive turns (METHOD.md default: the user agent only)."""
+    train_forced_tokens: bool = False
+    """Include template tokens that constrained decoding forced (no choice) in the loss."""
+
+    # --- optimisation -------------------------------------------------------------------------
+    learning_rate: float = 2e-4
+    """AdamW learning rate of both adapters."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping per adapter (0 disables)."""
+    micro_batch_size: int = 8
+    """Turns per forward/backward pass (bounds memory; gradients accumulate over a step)."""
+    gradient_accumulation_steps: int = 1
+    """Rollout batches per optimizer step (Accelerate's gradient accumulation)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (> 1 only makes sense with ``clip_ratio > 0``)."""
+    clip_ratio: float = 0.0
+    """PPO-style ratio clip epsilon; 0 = the paper's plain form."""
+    kl_coef: float = 0.0
+    """KL(pi || frozen base) penalty per token (k3 estimator); 0 = none (paper)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: str = "all-linear"
+    """LoRA target modules (``all-linear``: every linear layer but the LM head)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Accelerate mixed precision (use bf16 on GPUs)."""
+
+    # --- evaluation, logging, checkpoints ------------------------------------------------------
+    eval_every: int = 0
+    """Evaluate on ``eval_split`` every N steps (0: only before and after training)."""
+    eval_sessions: int = 64
+    """Held-out sessions per evaluation (seeded subset)."""
+    eval_split: Literal["valid", "test"] = "valid"
+    checkpoint_every: int = 10
+    """Save a checkpoint every N steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides ``best``."""
+    resume: bool = True
+    """Resume from the newest checkpoint in ``output_dir`` when there is one."""
+    tensorboard: bool = True
+    """Also log to TensorBoard through Accelerate's tracker."""
+    data_overrides: dict[str, object] = field(default_factory=dict)
+    """Extra DataConfig fields for ``coars_env.load_dialog_data`` (e.g. candidate_mode)."""
+
+    def __post_init__(self) -> None:
+        if self.sessions_per_step < 1 or self.rollouts_per_session < 1 or self.total_steps < 0:
+            raise ValueError("sessions_per_step, rollouts_per_session >= 1 and total_steps >= 0")
+        if self.ppo_epochs > 1 and self.clip_ratio <= 0:
+            raise ValueError(
+                "ppo_epochs > 1 needs clip_ratio > 0 (several epochs of the plain "
+                "form would just take larger steps on stale samples)"
+            )
+        if self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
+
+    @property
+    def trained_agents(self) -> tuple[str, ...]:
+        if self.reward_mode == "outcome":
+            return (RECOMMENDER,)
+        return AGENTS if self.train_agents == "both" else (self.train_agents,)
+
+
+@dataclass
+class TurnSample:
+    """One agent's generated answer in one turn, ready for scoring."""
+
+    agent: str
+    session_id: int
+    student_ids: list[int]  # prompt x
+    teacher_ids: list[int]  # prompt x + d
+    completion_ids: list[int]
+    old_logprobs: torch.Tensor
+    loss_mask: torch.Tensor  # bool per completion token
+    reward: float
+    turn_mask: float
+
+
+def load_policy(config: CoARSConfig, device: torch.device) -> LLMPolicy:
+    """The base model for both agents (``tiny`` builds a random test model in code)."""
+    if config.model == "tiny":
+        from coars_agents.models import tiny_test_model
+
+        model, tokenizer = tiny_test_model(config.seed, max_position_embeddings=4096)
+        return LLMPolicy(model.to(device), tokenizer)
+    return LLMPolicy.from_pretrained(config.model, device=device)
+
+
+class CoARSTrainer:
+    """Trains a recommender adapter and a user adapter on one shared frozen base.
+
+    Args:
+        config: the run's :class:`CoARSConfig`.
+        policy: an :class:`LLMPolicy` to train (default: loaded from ``config.model``).
+        train_data / eval_data: :class:`DialogData` (default: built from ``config.env_id``).
+    """
+
+    def __init__(
+        self,
+        config: CoARSConfig,
+        policy: LLMPolicy | None = None,
+        train_data: DialogData | None = None,
+        eval_data: DialogData | None = None,
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with="tensorboard" if config.tensorboard else None,
+            project_dir=str(self.output_dir),
+        )
+        set_seed(config.seed)
+        if train_data is None or eval_data is None:
+            from coars_env import load_dialog_data
+
+            kwargs = dict(seed=config.seed, data_dir=config.data_dir, **config.data_overrides)
+            train_data = train_data or load_dialog_data(config.env_id, split="train", **kwargs)
+            eval_data = eval_data or load_dialog_data(
+                config.env_id, split=config.eval_split, **kwargs
+            )
+        self.train_data, self.eval_data = train_data, eval_data
+        self.policy = policy or load_policy(config, self.accelerator.device)
+        lora = LoraSettings(
+            r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets
+        )
+        for agent in AGENTS:
+            if agent not in self.policy.adapter_names:
+                torch.manual_seed(config.seed)  # adapters start identically on every process
+                self.policy.add_adapter(agent, lora)
+        self.optimizers = {
+            agent: self.accelerator.prepare_optimizer(
+                torch.optim.AdamW(
+                    self.policy.trainable_parameters(agent),
+                    lr=config.learning_rate,
+                    weight_decay=config.weight_decay,
+                )
+            )
+            for agent in config.trained_agents
+        }
+        env_kwargs = dict(
+            max_turns=config.max_turns,
+            alpha=config.alpha,
+            gamma=config.gamma,
+            exclude_miss_positive=config.exclude_miss_positive,
+            max_history_items=config.history_items,
+            render_prompts=False,
+        )
+        n_envs = config.sessions_per_step * config.rollouts_per_session
+        self.train_env = VectorRecDialogEnv(
+            train_data, num_envs=n_envs, reveal_target=True, **env_kwargs
+        )
+        self.env_kwargs = env_kwargs
+        self.step = 0
+        self.best_hit = -math.inf
+        # Hindsight memory: the last trajectory's turn records per training session.
+        self.memory: dict[int, list[dict]] = {}
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ agents
+
+    def agents(self, *, greedy: bool, seed_offset: int = 0, use_adapters: bool = True) -> dict:
+        sampling = SamplingConfig(
+            temperature=self.config.temperature,
+            max_new_tokens=self.config.max_new_tokens,
+            greedy=greedy,
+        )
+        return {
+            role: LLMAgent(
+                self.policy,
+                role,
+                adapter=role if use_adapters else None,
+                sampling=sampling,
+                constrained=self.config.constrained,
+                reason_tokens=self.config.reason_tokens,
+            )
+            for role in AGENTS
+        }
+
+    # ------------------------------------------------------------------ one step
+
+    def sample_sessions(self, step: int) -> list[int]:
+        """The step's sessions: a function of (seed, step) only, so resuming needs no state."""
+        rng = np.random.default_rng([self.config.seed, step])
+        n = len(self.train_data.sessions)
+        k = min(self.config.sessions_per_step, n)
+        return [int(s) for s in rng.choice(n, size=k, replace=False)]
+
+    def credit_coef(self, agent: str) -> float:
+        cfg = self.config
+        if cfg.reward_mode == "outcome":
+            return 0.0
+        coef = cfg.credit_coef_rec if agent == RECOMMENDER else cfg.credit_coef_user
+        if cfg.credit_schedule == "linear_decay" and cfg.total_steps > 0:
+            coef *= max(0.0, 1.0 - self.step / cfg.total_steps)
+        return coef
+
+    def build_samples(self, episodes: list[Episode]) -> list[TurnSample]:
+        """Rewards, masks and teacher contexts for every generated answer of trained agents."""
+        cfg, data = self.config, self.train_data
+        samples: list[TurnSample] = []
+        for ep in episodes:
+            target_position = ep.candidates.index(ep.target)
+            target_title = data.title(ep.target)
+            # Earlier trajectory of this session if any, else the current one (first visit).
+            reference_turns = self.memory.get(ep.session_id, ep.turns)
+            records = {r["turn"]: r for r in ep.turns}
+            for agent, generated in ((RECOMMENDER, ep.recommender), (USER, ep.user_agent)):
+                if agent not in cfg.trained_agents:
+                    continue
+                for turn in generated:
+                    record = records[turn.turn]
+                    if agent == RECOMMENDER:
+                        reference = recommender_reference(
+                            target_position, target_title, reference_turns, data.title
+                        )
+                        if cfg.reward_mode == "outcome":
+                            reward, mask = (1.0 if ep.hit else -1.0), 1.0
+                        else:
+                            reward, mask = record["reward_rec"], record["mask_rec"]
+                    else:
+                        item = record["rec_item"]
+                        reference = user_reference(
+                            data.title(item),
+                            item == ep.target,
+                            target_title,
+                            reference_turns,
+                            data.title,
+                        )
+                        reward, mask = record["reward_user"], record["mask_user"]
+                    samples.append(
+                        self._sample(agent, ep.session_id, turn, reference, reward, mask)
+                    )
+        for ep in episodes:
+            self.memory[ep.session_id] = ep.turns
+        if cfg.group_normalise:
+            for agent in AGENTS:
+                members = [s for s in samples if s.agent == agent]
+                if members:
+                    normalised = group_normalise(
+                        torch.tensor([s.reward for s in members]),
+                        torch.tensor([s.session_id for s in members]),
+                    )
+                    for s, r in zip(members, normalised.tolist()):
+                        s.reward = r
+        return samples
+
+    def _sample(
+        self,
+        agent: str,
+        session_id: int,
+        turn: AgentTurn,
+        reference: str,
+        reward: float,
+        mask: float,
+    ) -> TurnSample:
+        loss_mask = torch.ones(len(turn.completion_ids), dtype=torch.bool)
+        if not self.config.train_forced_tokens:
+            loss_mask &= ~turn.forced.bool()
+        return TurnSample(
+            agent=agent,
+            session_id=session_id,
+            student_ids=turn.prompt_ids,
+            teacher_ids=self.policy.render(with_reference(turn.messages, reference)),
+            completion_ids=turn.completion_ids,
+            old_logprobs=turn.logprobs,
+            loss_mask=loss_mask,
+            reward=float(reward),
+            turn_mask=float(mask),
+        )
+
+    def train_agent(self, agent: str, samples: list[TurnSample]) -> dict[str, float]:
+        """Teacher/student scoring, the credit term and the loss for one agent's adapter."""
+        cfg, acc = self.config, self.accelerator
+        optimizer = self.optimizers[agent]
+        stats = {"loss": 0.0, "abs_credit": 0.0, "pos_credit": 0.0, "tokens": 0.0}
+        t_score = t_backward = 0.0
+        n_chunks = max(1, math.ceil(len(samples) / cfg.micro_batch_size))
+        for _ in range(cfg.ppo_epochs):
+            for c in range(n_chunks):
+                chunk = samples[c * cfg.micro_batch_size : (c + 1) * cfg.micro_batch_size]
+                completions = [s.completion_ids for s in chunk]
+                t0 = time.perf_counter()
+                teacher = self.policy.score(
+                    [s.teacher_ids for s in chunk], completions, adapter=agent
+                )
+                reference = None
+                if cfg.kl_coef > 0:
+                    reference = self.policy.score(
+                        [s.student_ids for s in chunk], completions, adapter=None
+                    )
+                with acc.autocast():
+                    student = self.policy.score(
+                        [s.student_ids for s in chunk],
+                        completions,
+                        adapter=agent,
+                        requires_grad=True,
+                    )
+                t1 = time.perf_counter()
+                pad = lambda xs: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
+                    [x.to(acc.device).float() for x in xs], batch_first=True
+                )
+                student_lp, teacher_lp = pad(student), pad(teacher)
+                token_mask = pad([s.loss_mask for s in chunk])
+                advantages = credit_advantages(teacher_lp, student_lp, token_mask)
+                rewards = torch.tensor([s.reward for s in chunk], device=acc.device)
+                turn_mask = torch.tensor([s.turn_mask for s in chunk], device=acc.device)
+                weights = token_weights(rewards, advantages, token_mask, self.credit_coef(agent))
+                loss = regularised_policy_loss(
+                    student_lp,
+                    weights,
+                    token_mask,
+                    turn_mask,
+                    old_logprobs=pad([s.old_logprobs for s in chunk])
+                    if cfg.clip_ratio > 0
+                    else None,
+                    clip_ratio=cfg.clip_ratio,
+                    ref_logprobs=pad(reference) if reference is not None else None,
+                    kl_coef=cfg.kl_coef,
+                )
+                # Chunks are parts of one batch: scale so the step sees the batch mean.
+                acc.backward(loss * len(chunk) / len(samples))
+                t_score += t1 - t0
+                t_backward += time.perf_counter() - t1
+                n_tokens = float(token_mask.sum())
+                stats["loss"] += float(loss.detach()) * len(chunk) / len(samples) / cfg.ppo_epochs
+                stats["abs_credit"] += float(advantages.abs().sum())
+                stats["pos_credit"] += float(((advantages > 0) & (token_mask > 0)).sum())
+                stats["tokens"] += n_tokens
+            params = self.policy.trainable_parameters(agent)
+            self._all_reduce_gradients(params)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        tokens = max(1.0, stats.pop("tokens"))
+        trained = [s for s in samples if s.turn_mask > 0]
+        return {
+            f"{agent}/loss": stats["loss"],
+            f"{agent}/mean_reward": float(np.mean([s.reward for s in trained])) if trained else 0.0,
+            f"{agent}/mean_abs_credit": stats["abs_credit"] / tokens,
+            f"{agent}/frac_positive_credit": stats["pos_credit"] / tokens,
+            f"{agent}/trained_turns": float(len(trained)),
+            f"{agent}/masked_turns": float(len(samples) - len(trained)),
+            f"time/{agent}_scoring_s": t_score,
+            f"time/{agent}_backward_s": t_backward,
+        }
+
+    def _all_reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Data parallel: average adapter gradients over processes (no-op on one process).
+
+        The model is not wrapped in DDP (two adapters share it and are switched between
+        passes), so the small LoRA gradients are reduced explicitly, once per step.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def train_step(self) -> dict[str, float]:
+        """One rollout batch and one optimizer step per trained agent."""
+        cfg = self.config
+        sessions = self.sample_sessions(self.step)
+        options = [{"session_id": s} for s in sessions for _ in range(cfg.rollouts_per_session)]
+        t0 = time.perf_counter()
+        episodes = rollout(
+            self.train_env,
+            self.agents(greedy=False),
+            seed=_step_seed(cfg.seed, self.step),
+            options=options,
+        )
+        t_generate = time.perf_counter() - t0
+        samples = self.build_samples(episodes)
+        metrics: dict[str, float] = {"step": float(self.step + 1), "time/generation_s": t_generate}
+        for agent in cfg.trained_agents:
+            metrics.update(self.train_agent(agent, [s for s in samples if s.agent == agent]))
+        turns = [r for ep in episodes for r in ep.turns]
+        generated = sum(
+            len(t.completion_ids) for ep in episodes for t in ep.recommender + ep.user_agent
+        )
+        elapsed = time.perf_counter() - t0
+        metrics.update(
+            {
+                "rollout/hit@1": float(np.mean([ep.hit for ep in episodes])),
+                "rollout/turn1_hit": float(np.mean([ep.turns[0]["hit"] for ep in episodes])),
+                "rollout/avg_turns": float(np.mean([ep.num_turns for ep in episodes])),
+                "rollout/wrong_click_rate": float(
+                    np.mean(
+                        [ep.turns[-1]["action"] == 0 and not ep.turns[-1]["hit"] for ep in episodes]
+                    )
+                ),
+                "rollout/rec_format_failure_rate": float(
+                    np.mean([r["rec_format_failure"] for r in turns])
+                ),
+                "rollout/user_format_failure_rate": float(
+                    np.mean([r["user_format_failure"] for r in turns])
+                ),
+                "rollout/reward_rec": float(np.mean([r["reward_rec"] for r in turns])),
+                "rollout/reward_user": float(np.mean([r["reward_user"] for r in turns])),
+                "time/step_s": elapsed,
+                "throughput/tokens_per_s": generated / max(t_generate, 1e-9),
+            }
+        )
+        self.step += 1
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(
+        self, n_sessions: int | None = None, *, use_adapters: bool = True
+    ) -> dict[str, float]:
+        """Greedy dialogues on held-out sessions: the recommender against the oracle user
+        (a clean Hit@1: it clicks only the target) and against the LLM user agent."""
+        from coars_env.agents import OracleUser
+
+        cfg = self.config
+        n = min(n_sessions or cfg.eval_sessions, len(self.eval_data.sessions))
+        rng = np.random.default_rng([cfg.seed, 10**6])
+        session_ids = sorted(
+            int(s) for s in rng.choice(len(self.eval_data.sessions), n, replace=False)
+        )
+        agents = self.agents(greedy=True, use_adapters=use_adapters)
+        out: dict[str, float] = {"eval/sessions": float(n)}
+        for opponent in ("oracle", "llm"):
+            user = OracleUser(self.eval_data) if opponent == "oracle" else agents[USER]
+            episodes: list[Episode] = []
+            batch = cfg.sessions_per_step * cfg.rollouts_per_session
+            for start in range(0, n, batch):
+                chunk = session_ids[start : start + batch]
+                venv = VectorRecDialogEnv(self.eval_data, num_envs=len(chunk), **self.env_kwargs)
+                episodes += rollout(
+                    venv,
+                    {RECOMMENDER: agents[RECOMMENDER], USER: user},
+                    seed=cfg.seed,
+                    options=[{"session_id": s} for s in chunk],
+                )
+            hits = [ep.hit for ep in episodes]
+            turns = [r for ep in episodes for r in ep.turns]
+            out[f"eval/{opponent}/hit@1"] = float(np.mean(hits))
+            out[f"eval/{opponent}/hit@1_se"] = float(np.std(hits) / math.sqrt(max(1, len(hits))))
+            out[f"eval/{opponent}/turn1_hit@1"] = float(
+                np.mean([ep.turns[0]["hit"] for ep in episodes])
+            )
+            out[f"eval/{opponent}/rec_format_failure_rate"] = float(
+                np.mean([r["rec_format_failure"] for r in turns])
+            )
+            if opponent == "llm":
+                out["eval/llm/wrong_click_rate"] = float(
+                    np.mean(
+                        [ep.turns[-1]["action"] == 0 and not ep.turns[-1]["hit"] for ep in episodes]
+                    )
+                )
+                out["eval/llm/user_format_failure_rate"] = float(
+                    np.mean([r["user_format_failure"] for r in turns])
+                )
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_dirs(self) -> list[Path]:
+        root = self.output_dir / "checkpoints"
+        return sorted(root.glob("step_*")) if root.exists() else []
+
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        """Adapters, optimizer states, step and hindsight memory, written atomically."""
+        root = self.output_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / (name or f"step_{self.step:06d}")
+        if self.accelerator.is_main_process:
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+            for agent in AGENTS:
+                self.policy.save_adapter(agent, tmp / "adapters" / agent)
+            for agent, optimizer in self.optimizers.items():
+                torch.save(optimizer.state_dict(), tmp / f"optimizer_{agent}.pt")
+            state = {
+                "step": self.step,
+                "best_hit": self.best_hit,
+                "memory": {str(k): v for k, v in self.memory.items()},
+                "config": asdict(self.config),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # a half-written checkpoint never has a final name
+            if name is None:
+                for old in self.checkpoint_dirs()[: -self.config.keep_last]:
+                    shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        for agent in AGENTS:
+            self.policy.load_adapter(agent, path / "adapters" / agent)
+        for agent, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(torch.load(path / f"optimizer_{agent}.pt", weights_only=True))
+        self.step = int(state["step"])
+        self.best_hit = float(state["best_hit"])
+        self.memory = {int(k): v for k, v in state["memory"].items()}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.accelerator.log(
+            {k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"])
+        )
+
+    def train(self) -> list[dict[str, float]]:
+        """Run (or resume) training; returns the logged metrics of this call."""
+        cfg = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and self.checkpoint_dirs():
+            self.load_checkpoint(self.checkpoint_dirs()[-1])
+            self._drop_logs_after(self.step)
+        if self.accelerator.is_main_process and cfg.tensorboard:
+            self.accelerator.init_trackers("tensorboard", config=_flat_config(cfg))
+        bar = tqdm(
+            total=cfg.total_steps,
+            initial=self.step,
+            desc="CoARS",
+            disable=not self.accelerator.is_main_process,
+        )
+        while self.step < cfg.total_steps:
+            metrics = self.train_step()
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                metrics.update(self.evaluate())
+                hit = metrics["eval/oracle/hit@1"]
+                if hit > self.best_hit:
+                    self.best_hit = hit
+                    self.save_checkpoint("best")
+            self._log(metrics)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix(
+                hit=f"{metrics['rollout/hit@1']:.2f}",
+                loss=f"{metrics.get('recommender/loss', 0):.3f}",
+            )
+        bar.close()
+        self._write_csv()
+        self.accelerator.end_training()
+        return self.history
+
+    def _drop_logs_after(self, step: int) -> None:
+        """On resume, forget metrics of steps after the checkpoint: they are redone."""
+        path = self.output_dir / "metrics.jsonl"
+        if not (self.accelerator.is_main_process and path.exists()):
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line torn by the kill
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+    def _write_csv(self) -> None:
+        path = self.output_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and path.exists():
+            import pandas as pd
+
+            pd.read_json(path, lines=True).to_csv(self.output_dir / "metrics.csv", index=False)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint32)[0] % 100_000)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _flat_config(config: CoARSConfig) -> dict:
+    """TensorBoard hparams take scalars and strings only."""
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in asdict(config).items()
+    }
