@@ -1,0 +1,225 @@
+"""The CoARS trainer on a tiny random model: metrics, which parameters move, masks, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from envtools import tiny_dialog_data
+
+from coars_agents.coars import CoARSConfig, CoARSTrainer
+from coars_env.dialog.env import RECOMMENDER, USER
+
+TINY = dict(
+    model="tiny",
+    max_turns=2,
+    sessions_per_step=2,
+    max_new_tokens=16,
+    reason_tokens=4,
+    micro_batch_size=4,
+    tensorboard=False,
+    eval_sessions=2,
+)
+
+EXPECTED_METRICS = {
+    "step",
+    "time/generation_s",
+    "time/step_s",
+    "throughput/tokens_per_s",
+    "rollout/hit@1",
+    "rollout/turn1_hit",
+    "rollout/avg_turns",
+    "rollout/wrong_click_rate",
+    "rollout/rec_format_failure_rate",
+    "rollout/user_format_failure_rate",
+    "rollout/reward_rec",
+    "rollout/reward_user",
+}
+PER_AGENT = [
+    "loss",
+    "mean_reward",
+    "mean_abs_credit",
+    "frac_positive_credit",
+    "trained_turns",
+    "masked_turns",
+]
+
+
+def make_trainer(tmp_path: Path, **overrides) -> CoARSTrainer:
+    config = CoARSConfig(output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
+    return CoARSTrainer(
+        config,
+        train_data=tiny_dialog_data(split="train"),
+        eval_data=tiny_dialog_data(split="valid"),
+    )
+
+
+def snapshot(trainer: CoARSTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], trainer: CoARSTrainer) -> set[str]:
+    return {n for n, p in trainer.policy.model.named_parameters() if not torch.equal(before[n], p)}
+
+
+def test_one_step_logs_every_metric_and_moves_only_adapters(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=1, checkpoint_every=1)
+    before = snapshot(trainer)
+    history = trainer.train()
+    assert len(history) == 1
+    metrics = history[0]
+    expected = EXPECTED_METRICS | {f"{a}/{k}" for a in (RECOMMENDER, USER) for k in PER_AGENT}
+    expected |= {f"time/{a}_{k}_s" for a in (RECOMMENDER, USER) for k in ("scoring", "backward")}
+    assert expected <= set(metrics)
+    assert metrics["rollout/rec_format_failure_rate"] == 0.0  # constrained decoding
+    moved = changed(before, trainer)
+    assert moved, "no parameter changed"
+    assert all(".lora_" in n for n in moved), "a base weight changed"
+    # Both adapters learn (LoRA B starts at zero, so B moves first).
+    assert any(".lora_B.recommender." in n for n in moved)
+    assert any(".lora_B.user." in n for n in moved)
+    # Logs: JSONL and CSV that pandas reads, and an atomic checkpoint.
+    frame = pd.read_json(tmp_path / "run" / "metrics.jsonl", lines=True)
+    assert frame["step"].tolist() == [1]
+    assert (tmp_path / "run" / "metrics.csv").exists()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000001"
+    assert (checkpoint / "adapters" / "recommender" / "adapter_model.safetensors").exists()
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_training_one_agent_leaves_the_other_adapter_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=1, train_agents="recommender")
+    before = snapshot(trainer)
+    trainer.train()
+    moved = changed(before, trainer)
+    assert any(".recommender." in n for n in moved)
+    assert not any(".user." in n for n in moved)
+    assert set(trainer.optimizers) == {RECOMMENDER}
+
+
+def test_samples_carry_env_rewards_masks_and_exclude_forced_tokens(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=1)
+    sessions = trainer.sample_sessions(0)
+    from coars_agents.rollout import rollout
+
+    episodes = rollout(
+        trainer.train_env,
+        trainer.agents(greedy=False),
+        seed=0,
+        options=[{"session_id": s} for s in sessions],
+    )
+    samples = trainer.build_samples(episodes)
+    for ep in episodes:
+        records = {r["turn"]: r for r in ep.turns}
+        rec = [s for s in samples if s.agent == RECOMMENDER and s.session_id == ep.session_id]
+        assert [s.reward for s in rec] == [records[t.turn]["reward_rec"] for t in ep.recommender]
+        user = [s for s in samples if s.agent == USER and s.session_id == ep.session_id]
+        assert [s.turn_mask for s in user] == [records[t.turn]["mask_user"] for t in ep.user_agent]
+        for sample, turn in zip(rec, ep.recommender):
+            # Template tokens ("Item: ", "\nReason: ") were forced: no loss on them.
+            assert sample.loss_mask.tolist() == (~turn.forced.bool()).tolist()
+            assert sample.student_ids == turn.prompt_ids
+            # The teacher context is longer: x plus the hindsight reference d.
+            assert len(sample.teacher_ids) > len(sample.student_ids)
+    # The hindsight memory now holds each session's trajectory for the next visit.
+    assert set(trainer.memory) == {ep.session_id for ep in episodes}
+
+
+def test_outcome_reward_baseline_trains_recommender_only_with_final_hit(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=1, reward_mode="outcome")
+    assert trainer.config.trained_agents == (RECOMMENDER,)
+    assert trainer.credit_coef(RECOMMENDER) == 0.0
+    from coars_agents.rollout import rollout
+
+    episodes = rollout(
+        trainer.train_env,
+        trainer.agents(greedy=False),
+        seed=1,
+        options=[{"session_id": s} for s in trainer.sample_sessions(0)],
+    )
+    samples = trainer.build_samples(episodes)
+    assert {s.agent for s in samples} == {RECOMMENDER}
+    by_session = {ep.session_id: (1.0 if ep.hit else -1.0) for ep in episodes}
+    assert all(s.reward == by_session[s.session_id] for s in samples)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="clip_ratio"):
+        CoARSConfig(ppo_epochs=2)
+    with pytest.raises(ValueError):
+        CoARSConfig(sessions_per_step=0)
+
+
+RUNNER = """
+import sys
+sys.path.insert(0, {tests!r})
+from envtools import tiny_dialog_data
+from coars_agents.coars import CoARSConfig, CoARSTrainer
+config = CoARSConfig(output_dir={out!r}, total_steps=4, checkpoint_every=1, **{tiny!r})
+CoARSTrainer(config, train_data=tiny_dialog_data(split="train"),
+             eval_data=tiny_dialog_data(split="valid")).train()
+"""
+
+
+def run_training(out: Path, kill_after_checkpoint: str | None = None) -> None:
+    code = RUNNER.format(tests=str(Path(__file__).parent), out=str(out), tiny=TINY)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    if kill_after_checkpoint is None:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        return
+    target = out / "checkpoints" / kill_after_checkpoint
+    deadline = time.time() + 900
+    while not target.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_bitwise_identical_adapters(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(straight)
+    run_training(resumed, kill_after_checkpoint="step_000002")
+    assert not (resumed / "checkpoints" / "step_000004").exists()
+    run_training(resumed)
+    from safetensors.torch import load_file
+
+    for agent in (RECOMMENDER, USER):
+        a = load_file(
+            straight
+            / "checkpoints"
+            / "step_000004"
+            / "adapters"
+            / agent
+            / "adapter_model.safetensors"
+        )
+        b = load_file(
+            resumed
+            / "checkpoints"
+            / "step_000004"
+            / "adapters"
+            / agent
+            / "adapter_model.safetensors"
+        )
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{agent} adapter differs after resume"
+    # The logs read back whole: one line per step, no duplicates from the redone steps.
+    for run in (straight, resumed):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    a = pd.read_json(straight / "metrics.jsonl", lines=True)
+    b = pd.read_json(resumed / "metrics.jsonl", lines=True)
+    for column in ("rollout/reward_rec", "rollout/reward_user", "recommender/loss"):
+        assert a[column].tolist() == b[column].tolist()
