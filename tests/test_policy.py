@@ -1,0 +1,395 @@
+"""LLMPolicy on tiny random models: log-probs, batching, sampling, constraints, adapters.
+
+``COARS_TEST_DEVICE=cuda`` runs the tiny-model tests on a GPU (still float32/float64)."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from coars_agents.constrained import TemplateState, recommender_template, user_template
+from coars_agents.models import tiny_test_model
+from coars_agents.policy import (
+    Generation,
+    LLMPolicy,
+    LoraSettings,
+    PromptTooLongError,
+    SamplingConfig,
+)
+
+REC_RE = re.compile(r"Item: (\d+)\nReason: [^\n]*")
+USER_RE = re.compile(r"Action: (click|star|skip|dislike)\nScore: (\d\.\d\d)\nReason: [^\n]*")
+# PEFT calls a transformers method that transformers 5 deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+DEVICE = os.environ.get("COARS_TEST_DEVICE", "cpu")
+LOGPROB_ATOL_FP32 = 1e-4  # generation (KV cache, step by step) vs score (one full pass)
+
+PROMPTS = [
+    [{"role": "user", "content": "History: 1. Song A"}],
+    [
+        {"role": "system", "content": "You are a music recommender."},
+        {"role": "user", "content": "History: 1. Song A\n2. Song B\nCandidates: 1. Song C"},
+    ],
+    [{"role": "user", "content": "Pick one item, please, from the list."}],
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are much faster single-threaded, especially on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_policy(seed: int, dtype: torch.dtype = torch.float32, **kwargs) -> LLMPolicy:
+    model, tokenizer = tiny_test_model(seed=seed, dtype=dtype)
+    return LLMPolicy(model.to(DEVICE), tokenizer, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return make_policy(0)
+
+
+@pytest.fixture(scope="module")
+def policy64():
+    return make_policy(1, torch.float64)
+
+
+def rescore(policy, gens, **kw):
+    return policy.score([g.prompt_ids for g in gens], [g.completion_ids for g in gens], **kw)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingConfig(max_new_tokens=24, temperature=0.7, top_p=0.9, seed=3),
+        SamplingConfig(max_new_tokens=24, greedy=True),
+    ],
+)
+def test_generation_logprobs_equal_score(policy, sampling):
+    gens = policy.generate(PROMPTS, sampling=sampling)
+    for g, lp in zip(gens, rescore(policy, gens)):
+        assert isinstance(g, Generation) and len(g.completion_ids) > 0
+        assert g.logprobs.dtype == torch.float32 and g.logprobs.shape == lp.shape
+        torch.testing.assert_close(g.logprobs, lp.cpu(), atol=LOGPROB_ATOL_FP32, rtol=0)
+
+
+def test_constrained_logprobs_are_the_raw_distribution(policy):
+    # masks, temperature and top-p change what is sampled, never the reported log-probs
+    sampling = SamplingConfig(max_new_tokens=60, temperature=2.0, top_p=0.8, seed=5)
+    gens = policy.generate(PROMPTS, sampling=sampling, constraint=recommender_template(20, 16))
+    for g, lp in zip(gens, rescore(policy, gens)):
+        torch.testing.assert_close(g.logprobs, lp.cpu(), atol=LOGPROB_ATOL_FP32, rtol=0)
+        assert (g.logprobs[g.forced] < 0).all(), "forced tokens keep their raw (< 1) probability"
+
+
+def test_batched_greedy_equals_unbatched(policy64):
+    sampling = SamplingConfig(max_new_tokens=20, greedy=True)
+    batched = policy64.generate(PROMPTS, sampling=sampling)
+    for messages, b in zip(PROMPTS, batched):
+        (single,) = policy64.generate([messages], sampling=sampling)
+        assert single.completion_ids == b.completion_ids
+        torch.testing.assert_close(single.logprobs, b.logprobs, atol=1e-9, rtol=0)
+
+
+def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(policy64):
+    s = SamplingConfig(max_new_tokens=16, temperature=1.0, seed=11)
+    a = policy64.generate(PROMPTS, sampling=s)
+    b = policy64.generate(PROMPTS, sampling=s)
+    assert [g.completion_ids for g in a] == [g.completion_ids for g in b]
+    (first,) = policy64.generate(PROMPTS[:1], sampling=s)
+    assert first.completion_ids == a[0].completion_ids, "row 0 does not depend on rows 1, 2"
+    other = policy64.generate(PROMPTS, sampling=SamplingConfig(max_new_tokens=16, seed=12))
+    assert [g.completion_ids for g in other] != [g.completion_ids for g in a]
+
+
+def test_shared_prefix_reuse_changes_nothing(policy64):
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]]
+    s = SamplingConfig(max_new_tokens=12, seed=2)
+    shared = policy64.generate(prompts, sampling=s)
+    policy64.share_prefixes = False
+    try:
+        plain = policy64.generate(prompts, sampling=s)
+    finally:
+        policy64.share_prefixes = True
+    for a, b in zip(shared, plain):
+        assert a.completion_ids == b.completion_ids
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-9, rtol=0)
+    assert shared[0].completion_ids != shared[2].completion_ids, "rollouts of one prompt differ"
+
+
+def test_chunking_changes_nothing(policy64):
+    s = SamplingConfig(max_new_tokens=8, seed=4)
+    whole = policy64.generate(PROMPTS, sampling=s)
+    policy64.max_batch_size = 2
+    try:
+        chunked = policy64.generate(PROMPTS, sampling=s)
+    finally:
+        policy64.max_batch_size = None
+    assert [g.completion_ids for g in whole] == [g.completion_ids for g in chunked]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_constrained_outputs_always_match_the_templates(policy, seed):
+    tokenizer = policy.tokenizer
+    for temperature in (1.0, 5.0):
+        sampling = SamplingConfig(max_new_tokens=48, temperature=temperature, seed=seed)
+        prompts = PROMPTS * 3
+        rec = policy.generate(prompts, sampling=sampling, constraint=recommender_template(20, 16))
+        user = policy.generate(prompts, sampling=sampling, constraint=user_template(16))
+        for g in rec:
+            assert g.finish_reason in ("template", "eos")
+            m = REC_RE.fullmatch(g.text)
+            assert m and 1 <= int(m.group(1)) <= 20, g.text
+            assert g.fields["item"] == m.group(1)
+            assert tokenizer.decode([t for t, f in zip(g.completion_ids, g.forced) if f]) == (
+                "Item:\nReason:"
+            )
+        for g in user:
+            m = USER_RE.fullmatch(g.text)
+            assert m, g.text
+            assert g.fields["action"] == m.group(1) and g.fields["score"] == m.group(2)
+        # the forced mask is exactly "the template allowed one token"
+        for g, template in [(rec[0], recommender_template(20, 16)), (user[0], user_template(16))]:
+            state = TemplateState(template, policy.vocab)
+            for tok, forced in zip(g.completion_ids, g.forced.tolist()):
+                mask = state.allowed()
+                assert mask[tok] and forced == (mask.sum().item() == 1)
+                state.advance(tok)
+            assert state.done
+
+
+def test_per_row_constraints(policy):
+    gens = policy.generate(
+        PROMPTS[:2],
+        sampling=SamplingConfig(max_new_tokens=48),
+        constraint=[recommender_template(5, 8), None],
+    )
+    assert REC_RE.fullmatch(gens[0].text) and not gens[1].forced.any()
+
+
+def test_stop_strings_stop(policy):
+    greedy = SamplingConfig(max_new_tokens=30, greedy=True)
+    (full,) = policy.generate(PROMPTS[:1], sampling=greedy)
+    assert full.finish_reason == "length"
+    stop = full.text[8:10]
+    (cut,) = policy.generate(
+        PROMPTS[:1], sampling=SamplingConfig(max_new_tokens=30, greedy=True, stop=("@@@", stop))
+    )
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert full.completion_ids[: len(cut.completion_ids)] == cut.completion_ids
+    assert len(cut.completion_ids) < len(full.completion_ids)
+
+
+def test_eos_and_length_finish(policy):
+    greedy = SamplingConfig(max_new_tokens=5, greedy=True)
+    (g,) = policy.generate(PROMPTS[:1], sampling=greedy)
+    assert g.finish_reason == "length" and len(g.completion_ids) == 5
+    eos = g.completion_ids[2]
+    eos_policy = LLMPolicy(policy.lm, policy.tokenizer, eos_token_ids=[eos])
+    (e,) = eos_policy.generate(PROMPTS[:1], sampling=greedy)
+    assert e.finish_reason == "eos"
+    assert e.completion_ids == g.completion_ids[: g.completion_ids.index(eos) + 1]
+
+
+def test_long_prompts_are_shortened_or_rejected(policy):
+    long = [{"role": "user", "content": "song " * 600}]
+    with pytest.raises(PromptTooLongError):
+        policy.generate([long], sampling=SamplingConfig(max_new_tokens=4))
+    calls = []
+
+    def shortener(index, messages):
+        calls.append(index)
+        content = messages[-1]["content"]
+        return [{"role": "user", "content": content[: len(content) // 2]}]
+
+    gens = policy.generate(
+        [PROMPTS[0], long], sampling=SamplingConfig(max_new_tokens=4), shortener=shortener
+    )
+    assert set(calls) == {1} and len(gens[1].prompt_ids) <= policy.prompt_limit(4)
+    assert policy.prompt_limit(4) == 512 - 4
+
+
+def test_a_shortener_must_shorten(policy):
+    long = [{"role": "user", "content": "song " * 600}]
+    with pytest.raises(PromptTooLongError):
+        policy.generate([long], shortener=lambda i, m: m)
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(policy):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    policy.generate(PROMPTS[:1], sampling=SamplingConfig(max_new_tokens=2, seed=None))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_score_handles_padding_and_grad(policy):
+    prompts = [policy.render(m) for m in PROMPTS]
+    completions = [[5, 6, 7], [], [9]]
+    out = policy.score(prompts, completions)
+    assert [o.shape[0] for o in out] == [3, 0, 1]
+    assert out[0].grad_fn is None
+    # a row's log-probs do not depend on the other rows
+    alone = policy.score(prompts[:1], completions[:1])[0]
+    torch.testing.assert_close(out[0], alone, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters
+# ----------------------------------------------------------------------------------------------
+
+
+def perturb(policy, name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters(name):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    policy = make_policy(2)
+    policy.add_adapter("recommender", LoraSettings(r=4, alpha=8))
+    policy.add_adapter("user")
+    return policy
+
+
+def test_new_adapters_equal_the_base(adapted):
+    prompts = [adapted.render(m) for m in PROMPTS]
+    comp = [[5, 6, 7]] * 3
+    fresh = make_policy(3)
+    fresh.add_adapter("agent")
+    base = fresh.score(prompts, comp, adapter=None)
+    torch.testing.assert_close(fresh.score(prompts, comp, adapter="agent")[0], base[0])
+
+
+def test_adapter_switching(adapted, tmp_path):
+    perturb(adapted, "recommender", 0)
+    perturb(adapted, "user", 1)
+    s = SamplingConfig(max_new_tokens=10, greedy=True)
+    base = adapted.generate(PROMPTS, sampling=s, adapter=None)
+    rec = adapted.generate(PROMPTS, sampling=s, adapter="recommender")
+    user = adapted.generate(PROMPTS, sampling=s, adapter="user")
+    texts = lambda gens: [g.completion_ids for g in gens]  # noqa: E731
+    assert texts(base) != texts(rec) and texts(rec) != texts(user) and texts(base) != texts(user)
+    assert adapted.active_adapter is None
+    with adapted.use_adapter("user"):
+        assert texts(adapted.generate(PROMPTS, sampling=s)) == texts(user)
+        assert texts(adapted.generate(PROMPTS, sampling=s, adapter=None)) == texts(base)
+        assert adapted.active_adapter == "user"
+    assert adapted.active_adapter is None
+    assert texts(adapted.generate(PROMPTS, sampling=s)) == texts(base)
+    adapted.use_adapter("recommender")
+    assert texts(adapted.generate(PROMPTS, sampling=s)) == texts(rec)
+    adapted.use_adapter(None)
+    with pytest.raises(KeyError):
+        adapted.use_adapter("critic")
+
+
+def test_only_the_selected_adapter_gets_gradients(adapted):
+    base = [p for n, p in adapted.model.named_parameters() if "lora_" not in n]
+    assert base and all(not p.requires_grad for p in base), "the base model is frozen"
+    rec, user = adapted.trainable_parameters("recommender"), adapted.trainable_parameters("user")
+    lora_ids = {id(p) for p in rec + user}
+    assert rec and user and not ({id(p) for p in rec} & {id(p) for p in user})
+    assert all(not p.requires_grad for p in adapted.model.parameters() if id(p) not in lora_ids)
+    assert all(p.requires_grad for p in rec + user)
+    n_rec = sum(p.numel() for p in rec)
+    n_user = sum(p.numel() for p in user)
+    assert n_user == 4 * n_rec  # r=16 vs r=4
+
+    adapted.model.zero_grad(set_to_none=True)
+    prompts = [adapted.render(m) for m in PROMPTS]
+    lps = adapted.score(
+        prompts, [[5, 6, 7], [8], [9, 10]], adapter="recommender", requires_grad=True
+    )
+    # the graph outlives the adapter switch at the end of score()
+    torch.stack([lp.sum() for lp in lps]).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rec if "lora_B" in str(p))
+    assert sum(p.grad.abs().sum() for p in rec) > 0
+    assert all(p.grad is None for p in user)
+    assert all(p.grad is None for p in adapted.lm.parameters() if id(p) not in lora_ids)
+    adapted.model.zero_grad(set_to_none=True)
+
+
+def test_wrapping_a_peft_model(adapted, tmp_path):
+    from peft import PeftModel
+
+    adapted.save_adapter("recommender", tmp_path / "rec")
+    model, tokenizer = tiny_test_model(seed=2)
+    peft_model = PeftModel.from_pretrained(model.to(DEVICE), tmp_path / "rec", adapter_name="rec")
+    wrapped = LLMPolicy(peft_model, tokenizer)
+    assert wrapped.active_adapter == "rec" and wrapped.adapter_names == ["rec"]
+    prompts = [adapted.render(m) for m in PROMPTS]
+    comp = [[5, 6, 7], [8, 9], [10]]
+    expected = adapted.score(prompts, comp, adapter="recommender")
+    for a, b in zip(expected, wrapped.score(prompts, comp)):
+        assert torch.equal(a, b)
+    assert all(p.requires_grad for p in wrapped.trainable_parameters("rec"))
+
+
+def test_save_load_round_trip(adapted, tmp_path):
+    perturb(adapted, "user", 7)
+    prompts = [adapted.render(m) for m in PROMPTS]
+    comp = [[5, 6, 7], [8, 9], [10]]
+    expected = adapted.score(prompts, comp, adapter="user")
+    adapted.save_adapter("user", tmp_path / "user")
+    assert (tmp_path / "user" / "adapter_config.json").exists()
+
+    other = make_policy(2)
+    other.load_adapter("user", tmp_path / "user")
+    for a, b in zip(expected, other.score(prompts, comp, adapter="user")):
+        assert torch.equal(a, b)
+    # loading over an existing adapter overwrites it in place
+    perturb(other, "user", 8)
+    other.load_adapter("user", tmp_path / "user")
+    for a, b in zip(expected, other.score(prompts, comp, adapter="user")):
+        assert torch.equal(a, b)
+    assert other.active_adapter is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model (offline GGUF)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_constrained_answers():
+    pytest.importorskip("gguf")
+    policy = LLMPolicy.from_pretrained("smollm2")
+    rec_prompt = [
+        {"role": "system", "content": "You recommend songs. Answer as: Item: <n>\nReason: <why>"},
+        {
+            "role": "user",
+            "content": "History: Yesterday; Let It Be.\nCandidates:\n1. Hey Jude\n"
+            "2. Toxic\n3. Something\nWhich candidate next?",
+        },
+    ]
+    user_prompt = [
+        {
+            "role": "system",
+            "content": "You are a music fan judging a recommendation. Answer as: "
+            "Action: <click|star|skip|dislike>\nScore: <0-1>\nReason: <why>",
+        },
+        {"role": "user", "content": "You love the Beatles. Recommended: Hey Jude."},
+    ]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=0.7, seed=0)
+    rec = policy.generate(
+        [rec_prompt] * 2, sampling=sampling, constraint=recommender_template(3, 16)
+    )
+    user = policy.generate([user_prompt] * 2, sampling=sampling, constraint=user_template(16))
+    for g in rec:
+        m = REC_RE.fullmatch(g.text)
+        assert m and 1 <= int(m.group(1)) <= 3, g.text
+    for g in user:
+        assert USER_RE.fullmatch(g.text), g.text
+    for g, lp in zip(rec + user, rescore(policy, rec + user)):
+        torch.testing.assert_close(g.logprobs, lp.cpu(), atol=LOGPROB_ATOL_FP32, rtol=0)
+    print([g.text for g in rec + user])
