@@ -297,8 +297,9 @@ class CoARSTrainer:
     # ------------------------------------------------------------------ one step
 
     def sample_sessions(self, step: int) -> list[int]:
-        """The step's sessions: a function of (seed, step) only, so resuming needs no state."""
-        rng = np.random.default_rng([self.config.seed, step])
+        """The step's sessions: a function of (seed, step, process) only, so resuming needs no
+        RNG state and data-parallel processes train on different sessions."""
+        rng = np.random.default_rng([self.config.seed, step, self.accelerator.process_index])
         n = len(self.train_data.sessions)
         k = min(self.config.sessions_per_step, n)
         return [int(s) for s in rng.choice(n, size=k, replace=False)]
