@@ -88,6 +88,13 @@ class CoARSConfig:
     """T: dialogue turns per session (the paper uses 5; 3 keeps CPU runs short)."""
     history_items: int = 10
     """Visible history items in prompts."""
+    item_summaries: bool = False
+    """Show items' one-line summaries in prompts (CPU preset: titles, years and genres only;
+    summaries make prompts about 60% longer)."""
+    candidate_mode: Literal["default", "sasrec", "random"] = "default"
+    """Negatives: ``sasrec`` (the paper: SASRec's top-ranked non-targets), ``random`` (the
+    AFL/LLaRA protocol); ``default``: random on the synthetic dataset (SASRec's top items
+    there share the user's genre, which hides the text signal), SASRec elsewhere."""
     temperature: float = 1.0
     """Sampling temperature of both agents during training rollouts."""
     reason_tokens: int = 24
@@ -232,6 +239,10 @@ class CoARSTrainer:
             from coars_env import load_dialog_data
 
             kwargs = dict(seed=config.seed, data_dir=config.data_dir, **config.data_overrides)
+            mode = config.candidate_mode
+            if mode == "default":
+                mode = "random" if "synthetic" in config.env_id else "sasrec"
+            kwargs.setdefault("candidate_mode", mode)
             train_data = train_data or load_dialog_data(config.env_id, split="train", **kwargs)
             eval_data = eval_data or load_dialog_data(
                 config.env_id, split=config.eval_split, **kwargs
@@ -261,6 +272,7 @@ class CoARSTrainer:
             gamma=config.gamma,
             exclude_miss_positive=config.exclude_miss_positive,
             max_history_items=config.history_items,
+            max_summary_chars=160 if config.item_summaries else 0,
             render_prompts=False,
         )
         n_envs = config.sessions_per_step * config.rollouts_per_session
