@@ -136,6 +136,8 @@ class DialogData:
     alignment: list[AlignmentCase] = field(default_factory=list)
     summary: str = ""
     peer_k: int = 20  # at most this many peers with an opinion count towards q_t
+    # Numbers behind ``summary`` (e.g. "sasrec_top20_coverage", "alignment_skipped"); see prepare.py.
+    stats: dict[str, float] = field(default_factory=dict)
 
     def title(self, item: int) -> str:
         return str(self.items.at[item, "title"])

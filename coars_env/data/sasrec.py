@@ -33,9 +33,11 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -70,14 +72,22 @@ class SASRecConfig:
     """Dropout on embeddings, attention and feed-forward outputs."""
     weight_decay: float = 0.0
     """L2 penalty (Adam weight decay) on all parameters."""
-    loss: str = "bce"
+    loss: Literal["bce", "ce"] = "bce"
     """"bce": one sampled negative per position (the paper); "ce": full softmax over items."""
+    shuffle_sequences: bool = False
+    """Train on each user's sequence in a seeded random order instead of the given one. For
+    data whose order is not time order and whose targets are a random hold-out (the shared
+    ML-1M copy): its file order is structured, and a model of it ranks randomly held-out
+    targets worse than popularity. One fixed permutation (not a new one every epoch):
+    measured on ML-100K with a random hold-out, it converges much faster. Leave it off for
+    sequential data (chronological splits, Last.fm)."""
     seed: int = 0
     """Seeds initialisation, dropout, batch order and negative sampling."""
     device: str = "cpu"
     """Torch device for training and inference ("cpu", "cuda", ...)."""
     num_threads: int | None = None
-    """CPU threads for torch during fit/score (None: leave torch's setting alone)."""
+    """CPU threads for torch in fit/score/encode (None: leave torch's setting alone). On a
+    CPU shared with other jobs, 1 is much faster than oversubscribed threads that spin."""
     eval_batch_size: int = 1024
     """Prefixes per forward pass in ``score``/``encode``."""
 
@@ -89,32 +99,57 @@ class SASRecConfig:
         return out
 
 
+class _Dropout(nn.Module):
+    """Inverted dropout whose masks come from a numpy ``Generator`` set by ``fit``.
+
+    Why not ``nn.Dropout``: torch's CPU ``bernoulli_`` dominated a training step (about a
+    third of it); numpy's PCG64 draws the same masks 2-3x faster, and the explicit generator
+    keeps training reproducible from ``SASRecConfig.seed`` alone.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.rng: np.random.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0.0:
+            return x
+        if self.rng is None:  # training outside ``fit``: fall back to torch's own RNG
+            return F.dropout(x, self.p, training=True)
+        # 1/(1-p) where kept, 0 where dropped, built in place in one float buffer.
+        mask = torch.from_numpy(self.rng.random(x.shape, dtype=np.float32))
+        mask = mask.ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * mask.to(x.device)
+
+
 class _Block(nn.Module):
-    """Pre-LayerNorm transformer block: causal self-attention, then point-wise FFN."""
+    """Pre-LayerNorm transformer block: causal self-attention, then point-wise FFN.
+
+    Dropout acts on the attention output and inside/after the FFN, not on the attention
+    weights (that mask would be ``[B, heads, L, L]``, the costliest one on CPU).
+    """
 
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
         self.heads = heads
-        self.dropout = dropout
         self.ln_attn = nn.LayerNorm(hidden, eps=1e-8)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         self.ln_ffn = nn.LayerNorm(hidden, eps=1e-8)
         self.ffn = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+            nn.Linear(hidden, hidden), nn.ReLU(), _Dropout(dropout), nn.Linear(hidden, hidden)
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = _Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         b, length, hidden = x.shape
         q, k, v = self.qkv(self.ln_attn(x)).split(hidden, dim=-1)
         # [B, L, H] -> [B, heads, L, H/heads]
         q, k, v = (t.view(b, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         att = att.transpose(1, 2).reshape(b, length, hidden)
         x = x + self.drop(self.proj(att))
         return x + self.drop(self.ffn(self.ln_ffn(x)))
@@ -128,7 +163,7 @@ class SASRecNet(nn.Module):
         self.n_items = n_items
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=PAD)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = _Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             [_Block(cfg.hidden, cfg.heads, cfg.dropout) for _ in range(cfg.blocks)]
         )
@@ -139,24 +174,46 @@ class SASRecNet(nn.Module):
             self.item_emb.weight[PAD].zero_()
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """``seq``: int64 ``[B, L]`` of embedding rows (item + 1, 0 = padding), left-padded."""
+        """``seq``: int64 ``[B, L]`` of embedding rows (item + 1, 0 = padding), left-padded.
+
+        Hidden states at padding positions are meaningless and must not be read: padding
+        keys are masked out of attention, so they never reach a real position, which lets
+        us skip re-zeroing them after every block (a measurable saving on CPU).
+        """
         length = seq.shape[1]
-        keep = (seq != PAD).unsqueeze(-1)  # [B, L, 1]
         pos = torch.arange(length, device=seq.device)
-        x = self.item_emb(seq) * self.scale + self.pos_emb(pos)
-        x = self.emb_drop(x) * keep
+        x = self.emb_drop(torch.add(self.pos_emb(pos), self.item_emb(seq), alpha=self.scale))
         # Causal mask that also hides padding keys; the diagonal stays open so that a
         # padding query never has an empty row (which would give NaN).
         causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
         mask = causal & (seq != PAD)[:, None, None, :]
         mask = mask | torch.eye(length, dtype=torch.bool, device=seq.device)
         for block in self.blocks:
-            x = block(x, mask) * keep
+            x = block(x, mask)
         return self.ln_out(x)
+
+    def set_dropout_rng(self, rng: np.random.Generator | None) -> None:
+        """Give every dropout layer the generator its masks are drawn from (None: torch's)."""
+        for module in self.modules():
+            if isinstance(module, _Dropout):
+                module.rng = rng
 
     def item_weights(self) -> torch.Tensor:
         """Output item embeddings ``[n_items, hidden]`` (shared with the input table)."""
         return self.item_emb.weight[1:]
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (None: unchanged), then restore."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
 
 
 def _pad_left(seqs: Sequence[Sequence[int]], length: int) -> np.ndarray:
@@ -235,24 +292,29 @@ class SASRec:
         if split.n_items != self.n_items:
             raise ValueError(f"model has {self.n_items} items, split has {split.n_items}")
         cfg = self.cfg
-        inputs, targets, users = _training_windows(split.train, cfg.max_len)
+        sequences = split.train
+        if cfg.shuffle_sequences:
+            order_rng = np.random.default_rng([cfg.seed, 2])
+            sequences = [np.asarray(seq)[order_rng.permutation(len(seq))] for seq in sequences]
+        inputs, targets, users = _training_windows(sequences, cfg.max_len)
         seen = _Seen(split.train, self.n_items)
         rng = np.random.default_rng(cfg.seed)
         opt = torch.optim.Adam(
-            self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
+            self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
+            fused=True,  # one kernel per step instead of several per parameter
         )
         device = torch.device(cfg.device)
-        old_threads = torch.get_num_threads()
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
         n_batches = math.ceil(len(inputs) / cfg.batch_size)
         bar = tqdm(
             total=cfg.epochs * n_batches, desc=f"SASRec {split.name}", disable=not progress,
             unit="batch", mininterval=2.0,
         )
+        # Separate streams: batch order + negatives, and dropout masks.
+        dropout_rng = np.random.default_rng([cfg.seed, 1])
+        self.net.set_dropout_rng(dropout_rng)
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + 1)  # dropout stream, separate from the init one
+            with _threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # only used if something falls back to torch's RNG
                 self.net.train()
                 for _ in range(cfg.epochs):
                     order = rng.permutation(len(inputs))
@@ -263,16 +325,15 @@ class SASRec:
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
-                        total += float(loss) * len(rows)
+                        total += float(loss.detach()) * len(rows)
                         count += len(rows)
                         bar.update(1)
                     self.losses.append(total / max(count, 1))
                     bar.set_postfix(loss=f"{self.losses[-1]:.4f}")
         finally:
             bar.close()
+            self.net.set_dropout_rng(None)
             self.net.eval()
-            if cfg.num_threads:
-                torch.set_num_threads(old_threads)
         return self
 
     def _step(
@@ -314,16 +375,18 @@ class SASRec:
         return neg
 
     # ----------------------------------------------------------------- inference
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tensors in place
     def _last_hidden(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Final-position hidden state of each prefix, ``[B, hidden]`` on ``cfg.device``."""
         cfg = self.cfg
         self.net.eval()
         out = []
-        for start in range(0, len(prefixes), cfg.eval_batch_size):
-            chunk = prefixes[start : start + cfg.eval_batch_size]
-            seq = torch.from_numpy(_pad_left(chunk, cfg.max_len)).to(cfg.device)
-            out.append(self.net(seq)[:, -1])
+        with _threads(cfg.num_threads):
+            for start in range(0, len(prefixes), cfg.eval_batch_size):
+                chunk = prefixes[start : start + cfg.eval_batch_size]
+                seq = torch.from_numpy(_pad_left(chunk, cfg.max_len)).to(cfg.device)
+                last = self.net(seq)[:, -1]
+                out.append(last * (seq[:, -1:] != PAD))  # an empty prefix gives exactly zero
         if not out:
             return torch.zeros(0, cfg.hidden, device=cfg.device)
         return torch.cat(out)
@@ -335,7 +398,7 @@ class SASRec:
         """
         return self._last_hidden(prefixes).float().cpu()
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tensors in place
     def score(self, prefixes: Sequence[Sequence[int]]) -> torch.Tensor:
         """Next-item scores (higher = better) for every item, float32 CPU ``[B, n_items]``.
 
