@@ -128,6 +128,11 @@ def load_model(
 
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **kwargs))
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **_dtype_kwarg(dtype))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if "gguf_file" in kwargs and quantizer is not None:
+        # GGUF weights are already dequantised to float; the leftover quantizer marker would
+        # make transformers' Trainer (and so TRL) refuse to train the model.
+        quantizer.remove_quantization_config(model)
     # GGUF weights are dequantised to float32 whatever dtype says: cast explicitly.
     model = model.to(device=device, dtype=dtype).eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
