@@ -38,6 +38,8 @@ def main(args: Args) -> dict[str, dict[str, float]]:
     trainer = CoARSTrainer(args.train)
     resumed = args.train.resume and bool(trainer.checkpoint_dirs())
     before = None if resumed else trainer.evaluate(args.final_eval_sessions, use_adapters=False)
+    if before is not None:
+        print(f"before training: {before}", flush=True)
     trainer.train()
     after = trainer.evaluate(args.final_eval_sessions)
     rows = [
