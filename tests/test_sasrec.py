@@ -160,8 +160,9 @@ def popularity_scores(split: SplitData, n_rows: int) -> torch.Tensor:
     return torch.from_numpy(np.tile(counts, (n_rows, 1)))
 
 
-# Measured on this 2-core CPU (seed 0): SASRec HR@10 = 0.120-0.130 after ~40 s of training,
-# popularity HR@10 = 0.084. The assertion keeps a comfortable distance below that.
+# Measured (seed 0, 25 epochs, 1 thread; 80-137 s of training on the shared 2-core dev box
+# at load 6-7, so ~1 minute on an idle one): SASRec test HR@10 = 0.137, NDCG@10 = 0.068;
+# popularity HR@10 = 0.084 (+0.053). The assertion asks for popularity + 0.02.
 ML100K_MARGIN = 0.02
 
 

@@ -331,8 +331,8 @@ def opinions_from_training(split_data: SplitData) -> dict[tuple[int, int], int]:
     """(user, item) -> +1 liked / -1 disliked, from the training sequences only.
 
     Liked: rating >= 4, or any interaction when the dataset has no ratings; disliked:
-    rating <= 2; 3, 2 < r < 4 and missing ratings give no opinion. For a repeated
-    (user, item) pair the latest training interaction wins.
+    rating <= 2; ratings strictly between 2 and 4 (and missing ones) give no opinion. For a
+    repeated (user, item) pair the latest training interaction wins.
     """
     lengths = np.asarray([len(s) for s in split_data.train])
     if lengths.sum() == 0:
