@@ -368,9 +368,8 @@ def run_coars(cfg: BenchConfig, step_fn: StepFn = coars_step) -> dict[str, Any]:
 def run_trl_grpo(cfg: BenchConfig) -> dict[str, Any]:
     """Time ``cfg.steps`` steps of ``trl.GRPOTrainer.train`` (after ``cfg.warmup`` untimed)."""
     import trl
-    from transformers import PrinterCallback, TrainerCallback
-
     from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
 
     model, tokenizer = load_bench_model(cfg)
     device = resolve_device(cfg.device)

@@ -309,9 +309,8 @@ def load(cfg: Config):
 
 def run_grpo(cfg: Config, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Single-turn GRPO on the recommender's turn-1 prompts with TRL's ``GRPOTrainer``."""
-    from trl import GRPOConfig, GRPOTrainer
-
     from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
 
     env = make_env(cfg, overrides=overrides)
     rng = np.random.default_rng(cfg.seed)
