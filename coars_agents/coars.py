@@ -78,9 +78,10 @@ class CoARSConfig:
     """Dataset root (default: ``COARS_DATA_DIR``, else the per-user cache)."""
 
     # --- rollouts ---------------------------------------------------------------------------
-    total_steps: int = 40
-    """Optimizer steps (each on a fresh batch of rollouts)."""
-    sessions_per_step: int = 8
+    total_steps: int = 8
+    """Optimizer steps (each on a fresh batch of rollouts). The default is a CPU smoke run
+    of a few minutes; learning needs hundreds of steps (see README)."""
+    sessions_per_step: int = 4
     """Training sessions sampled per step."""
     rollouts_per_session: int = 1
     """Rollouts per session (the group size G for group-normalised rewards)."""
@@ -153,7 +154,7 @@ class CoARSConfig:
     # --- evaluation, logging, checkpoints ------------------------------------------------------
     eval_every: int = 0
     """Evaluate on ``eval_split`` every N steps (0: only before and after training)."""
-    eval_sessions: int = 64
+    eval_sessions: int = 32
     """Held-out sessions per evaluation (seeded subset)."""
     eval_split: Literal["valid", "test"] = "valid"
     checkpoint_every: int = 10

@@ -30,7 +30,7 @@ class Args:
 
     train: CoARSConfig = field(default_factory=CoARSConfig)
     """The trainer's configuration (every field is a flag)."""
-    final_eval_sessions: int = 100
+    final_eval_sessions: int = 32
     """Held-out sessions for the before/after table."""
 
 
