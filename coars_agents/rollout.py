@@ -173,8 +173,13 @@ def rollout(
         role = venv.acting_agent
         agent = agents[role]
         slots = [i for i, needed in enumerate(venv.needs_action) if needed]
+        # Live slots that need no reply (a user phase after a recommender format failure)
+        # still step and write a turn record: collect records from every live slot.
+        live = [i for i, done in enumerate(venv.dones) if not done]
         replies: list[Any] = [None] * venv.num_envs
-        if isinstance(agent, LLMAgent):
+        # No slot needs a reply in a user phase where every live recommender reply was a
+        # format failure (nothing to judge): step with no replies, call no agent.
+        if isinstance(agent, LLMAgent) and slots:
             budget = agent.sampling.max_new_tokens
             batch = [fit_prompt(venv.envs[i], agent.policy, budget) for i in slots]
             n_candidates = len(episodes[slots[0]].candidates)
@@ -183,7 +188,12 @@ def rollout(
                 replies[i] = gen.text
                 turn = AgentTurn(
                     venv.envs[i].turn,
-                    messages, gen.prompt_ids, gen.completion_ids, gen.logprobs, gen.forced, gen.text
+                    messages,
+                    gen.prompt_ids,
+                    gen.completion_ids,
+                    gen.logprobs,
+                    gen.forced,
+                    gen.text,
                 )
                 (episodes[i].recommender if role == RECOMMENDER else episodes[i].user_agent).append(
                     turn
@@ -192,7 +202,7 @@ def rollout(
             for i in slots:
                 replies[i] = agent(observations[i][role])
         observations, _, _, _, infos = venv.step(replies)
-        for i in slots:
+        for i in live:
             record = infos[i].get(RECOMMENDER, {}).get(TURN_RECORD_KEY)
             if record is not None:
                 episodes[i].turns.append(record)

@@ -267,6 +267,7 @@ def alignment_observation(
         max_chars=cfg.max_prompt_chars,
         max_reason_chars=cfg.max_rationale_chars,
         charset=env.charset,
+        instruction=cfg.user_instruction,
     )
     return {
         "phase": 1,

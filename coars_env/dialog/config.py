@@ -56,6 +56,15 @@ class EnvConfig:
     item_noun: str = ""
     """What items are called in prompts ("movie", "artist"); "" = from the dataset name."""
 
+    rec_instruction: str = ""
+    """Extra instruction for the recommender's system message, inserted just before its
+    answer format (``prompts.with_instruction``), e.g. the AFL baseline's "reflect on the
+    user's feedback" step. "" (default) leaves the prompt unchanged."""
+
+    user_instruction: str = ""
+    """Extra instruction for the user agent's system message (as ``rec_instruction``), e.g.
+    the AFL baseline's "judge with a rationale" step. "" (default) leaves it unchanged."""
+
     # --- prompt length limits (the shortening rule lives in prompts.py) -------------------
     max_history_items: int = 20
     """At most this many history items (the most recent) are shown in a prompt."""

@@ -102,7 +102,8 @@ class RecDialogEnv(ParallelEnv):
 
         self.catalog = prompts.Catalog(data.items, max_summary_chars=config.max_summary_chars)
         self.item_noun: str = config.item_noun or prompts.item_noun_for(data.name)
-        texts = [*self.catalog.texts(), self.item_noun]
+        instructions = [config.rec_instruction, config.user_instruction]
+        texts = [*self.catalog.texts(), self.item_noun, *instructions]
         self.charset: frozenset[str] = prompts.build_charset(texts)
 
         # Spaces are built once: PettingZoo wants the same object at every call.
@@ -124,8 +125,8 @@ class RecDialogEnv(ParallelEnv):
         T, C, W, K = self.max_turns, self.n_candidates, self.history_len, self.data.peer_k
         # User messages are shortened to max_prompt_chars; system messages are fixed texts.
         longest_system = max(
-            len(prompts.recommender_system(C, T, self.item_noun)),
-            len(prompts.user_system(self.item_noun, with_peers=True)),
+            len(prompts.recommender_system(C, T, self.item_noun, self.config.rec_instruction)),
+            len(prompts.user_system(self.item_noun, True, self.config.user_instruction)),
         )
         max_chars = max(self.config.max_prompt_chars, longest_system)
         text = spaces.Text(max_chars, min_length=0, charset=self.charset)
@@ -430,6 +431,7 @@ class RecDialogEnv(ParallelEnv):
                 turn=self._turn,
                 max_turns=self.max_turns,
                 hint_position=hint,
+                instruction=cfg.rec_instruction,
                 **limits,
             )
         position, item, _, reason, _, _, _, liked, disliked = self._rec
@@ -442,6 +444,7 @@ class RecDialogEnv(ParallelEnv):
             item=item,
             rec_reason=reason,
             peers=(liked, disliked) if cfg.peer_opinions_in_prompt else None,
+            instruction=cfg.user_instruction,
             **limits,
         )
 

@@ -13,6 +13,12 @@ turn; the candidates and the current question are never dropped. Only then, as a
 resort, the text before the question is cut so that the message fits (with "…").
 The system messages are short, fixed texts and are never shortened.
 
+Extra instructions (``EnvConfig.rec_instruction`` / ``user_instruction``, e.g. the AFL
+baseline's reflection step): an optional text inserted into an agent's system message as
+its own line, just before the "Answer in exactly this format" part, so the answer
+format stays the last thing the model reads. Empty (the default) leaves the system
+message exactly as without the option.
+
 All text is kept inside a character set (``build_charset``): the environment's ``Text``
 spaces use it, so agent rationales quoted in the memory have characters outside it
 replaced by U+FFFD (item texts are inside it by construction).
@@ -64,6 +70,7 @@ USER_SYSTEM = (
     "Answer in exactly this format:\n{answer_format}"
 )
 PEER_CLAUSE = " and what similar users thought of it"
+ANSWER_HEADER = "Answer in exactly this format:"  # opens the last part of both system messages
 
 REC_HISTORY_HEADER = "The user's history ({nouns}, oldest first{omitted}):"
 USER_HISTORY_HEADER = "Your history ({nouns}, oldest first{omitted}):"
@@ -208,16 +215,36 @@ class MemoryTurn(NamedTuple):
 # ----------------------------------------------------------------------------- rendering
 
 
-def recommender_system(n_candidates: int, max_turns: int, item_noun: str = "item") -> str:
-    """The recommender's system message: its role and the exact answer format."""
+def with_instruction(system: str, instruction: str = "") -> str:
+    """``system`` with ``instruction`` inserted as its own line before ``ANSWER_HEADER``.
+
+    An empty instruction returns ``system`` unchanged (the default prompts stay identical).
+    """
+    instruction = instruction.strip()
+    if not instruction:
+        return system
+    head, sep, tail = system.partition("\n" + ANSWER_HEADER)
+    if not sep:  # no answer header (a custom template): append at the end
+        return f"{system}\n{instruction}"
+    return f"{head}\n{instruction}{sep}{tail}"
+
+
+def recommender_system(
+    n_candidates: int, max_turns: int, item_noun: str = "item", instruction: str = ""
+) -> str:
+    """The recommender's system message: its role, an optional extra ``instruction`` and
+    the exact answer format."""
     answer_format = REC_FORMAT.format(n=n_candidates)
-    return REC_SYSTEM.format(max_turns=max_turns, noun=item_noun, answer_format=answer_format)
+    system = REC_SYSTEM.format(max_turns=max_turns, noun=item_noun, answer_format=answer_format)
+    return with_instruction(system, instruction)
 
 
-def user_system(item_noun: str = "item", with_peers: bool = True) -> str:
-    """The user agent's system message: its role, the actions and the answer format."""
+def user_system(item_noun: str = "item", with_peers: bool = True, instruction: str = "") -> str:
+    """The user agent's system message: its role, the actions, an optional extra
+    ``instruction`` and the answer format."""
     peer_clause = PEER_CLAUSE if with_peers else ""
-    return USER_SYSTEM.format(noun=item_noun, peer_clause=peer_clause, answer_format=USER_FORMAT)
+    system = USER_SYSTEM.format(noun=item_noun, peer_clause=peer_clause, answer_format=USER_FORMAT)
+    return with_instruction(system, instruction)
 
 
 def recommender_messages(
@@ -235,9 +262,13 @@ def recommender_messages(
     max_chars: int = 12_000,
     max_reason_chars: int = 300,
     charset: frozenset[str] | None = None,
+    instruction: str = "",
 ) -> Messages:
-    """The recommender's chat prompt for ``turn`` (history, numbered candidates, memory)."""
-    system = recommender_system(len(candidates), max_turns, item_noun)
+    """The recommender's chat prompt for ``turn`` (history, numbered candidates, memory).
+
+    ``instruction``: extra text for the system message (``with_instruction``).
+    """
+    system = recommender_system(len(candidates), max_turns, item_noun, instruction)
     history_lines = [f"- {catalog.line(i)}" for i in history]
     candidate_lines = [CANDIDATES_HEADER]
     candidate_lines += [f"{n}. {catalog.line(i)}" for n, i in enumerate(candidates, start=1)]
@@ -275,13 +306,15 @@ def user_messages(
     max_chars: int = 12_000,
     max_reason_chars: int = 300,
     charset: frozenset[str] | None = None,
+    instruction: str = "",
 ) -> Messages:
     """The user agent's chat prompt: history, memory, the recommendation, peer opinions.
 
     ``peers`` = (n_liked, n_disliked) among the similar users with an opinion on ``item``;
-    None leaves peer opinions out of the prompt.
+    None leaves peer opinions out of the prompt. ``instruction``: extra text for the
+    system message (``with_instruction``).
     """
-    system = user_system(item_noun, with_peers=peers is not None)
+    system = user_system(item_noun, with_peers=peers is not None, instruction=instruction)
     history_lines = [f"- {catalog.line(i)}" for i in history]
     memory_lines = [_memory_line(m, catalog, False, max_reason_chars, charset) for m in memory]
     tail = [USER_QUESTION.format(turn=turn, max_turns=max_turns, item=catalog.line(item))]
