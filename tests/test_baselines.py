@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from evaltools import SHORT_PROMPTS, synthetic, tiny_policy
 from tinydata import tiny_dialog_data
 
@@ -25,32 +24,13 @@ from coars_env.dialog.parsing import ACTION_NAMES, REC_FORMAT
 from coars_env.metrics import alignment_observation
 from coars_env.vector import VectorRecDialogEnv
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def policy() -> LLMPolicy:
     # With seed 1 the tiny user agent does not click at turn 1, so AFL dialogues go on.
     return tiny_policy(seed=1)
-
-
-@pytest.fixture
-def generate_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = LLMPolicy.generate
-
-    def counting(self, batch_of_messages, **kwargs):
-        calls.append(len(batch_of_messages))
-        return original(self, batch_of_messages, **kwargs)
-
-    monkeypatch.setattr(LLMPolicy, "generate", counting)
-    return calls
 
 
 # ------------------------------------------------------------------------------ prompt options

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from evaltools import SHORT_PROMPTS, SYNTHETIC_DATA, synthetic, tiny_policy
 from tinydata import tiny_dialog_data
 
@@ -30,15 +29,9 @@ from coars_agents.rollout import LLMAgent
 from coars_env.agents import PopularityRecommender, SessionIndex
 from coars_env.logs import read_trajectories
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = SamplingConfig(greedy=True, max_new_tokens=16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +42,6 @@ def tiny():
 @pytest.fixture(scope="module")
 def policy() -> LLMPolicy:
     return tiny_policy()
-
-
-@pytest.fixture
-def generate_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = LLMPolicy.generate
-
-    def counting(self, batch_of_messages, **kwargs):
-        calls.append(len(batch_of_messages))
-        return original(self, batch_of_messages, **kwargs)
-
-    monkeypatch.setattr(LLMPolicy, "generate", counting)
-    return calls
 
 
 # ------------------------------------------------------------------------------ exact values

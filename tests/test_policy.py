@@ -21,7 +21,10 @@ from coars_agents.policy import (
 REC_RE = re.compile(r"Item: (\d+)\nReason: [^\n]*")
 USER_RE = re.compile(r"Action: (click|star|skip|dislike)\nScore: (\d\.\d\d)\nReason: [^\n]*")
 # PEFT calls a transformers method that transformers 5 deprecates: not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+]
 
 DEVICE = os.environ.get("COARS_TEST_DEVICE", "cpu")
 LOGPROB_ATOL_FP32 = 1e-4  # generation (KV cache, step by step) vs score (one full pass)
@@ -34,15 +37,6 @@ PROMPTS = [
     ],
     [{"role": "user", "content": "Pick one item, please, from the list."}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are much faster single-threaded, especially on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_policy(seed: int, dtype: torch.dtype = torch.float32, **kwargs) -> LLMPolicy:

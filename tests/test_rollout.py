@@ -18,19 +18,12 @@ from coars_env.agents import CLICK, OracleUser, RandomRecommender
 from coars_env.dialog.env import RECOMMENDER, USER
 from coars_env.vector import VectorRecDialogEnv
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ENV = {"max_turns": 2, "max_summary_chars": 0, "max_history_items": 3}
 SESSIONS = (0, 1, 2)
 REASON_TOKENS = 4
 GREEDY = SamplingConfig(greedy=True, max_new_tokens=16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are much faster single-threaded, especially on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +64,6 @@ def play(data, agents, sessions=SESSIONS, seed: int = 0) -> list[Episode]:
 def greedy_episodes(policy, data) -> list[Episode]:
     """LLM vs LLM, greedy, on SESSIONS in one batch of 3."""
     return play(data, llm_pair(policy))
-
-
-@pytest.fixture
-def generate_calls(monkeypatch) -> list[int]:
-    """Batch size of every ``LLMPolicy.generate`` call made during the test."""
-    calls: list[int] = []
-    original = LLMPolicy.generate
-
-    def counting(self, batch_of_messages, **kwargs):
-        calls.append(len(batch_of_messages))
-        return original(self, batch_of_messages, **kwargs)
-
-    monkeypatch.setattr(LLMPolicy, "generate", counting)
-    return calls
 
 
 def generations(ep: Episode):
