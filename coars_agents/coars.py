@@ -406,7 +406,9 @@ class CoARSTrainer:
         optimizer = self.optimizers[agent]
         stats = {"loss": 0.0, "abs_credit": 0.0, "pos_credit": 0.0, "tokens": 0.0}
         t_score = t_backward = 0.0
-        n_chunks = max(1, math.ceil(len(samples) / cfg.micro_batch_size))
+        # No samples (e.g. the user never had anything to judge): nothing to score, and no
+        # optimizer step on this process unless other processes bring gradients.
+        n_chunks = math.ceil(len(samples) / cfg.micro_batch_size)
         for _ in range(cfg.ppo_epochs):
             for c in range(n_chunks):
                 chunk = samples[c * cfg.micro_batch_size : (c + 1) * cfg.micro_batch_size]
@@ -460,9 +462,10 @@ class CoARSTrainer:
                 stats["tokens"] += n_tokens
             params = self.policy.trainable_parameters(agent)
             self._all_reduce_gradients(params)
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if any(p.grad is not None for p in params):
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         tokens = max(1.0, stats.pop("tokens"))
         trained = [s for s in samples if s.turn_mask > 0]

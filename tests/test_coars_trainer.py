@@ -223,3 +223,11 @@ def test_killed_run_resumes_to_bitwise_identical_adapters(tmp_path):
     b = pd.read_json(resumed / "metrics.jsonl", lines=True)
     for column in ("rollout/reward_rec", "rollout/reward_user", "recommender/loss"):
         assert a[column].tolist() == b[column].tolist()
+
+
+def test_an_agent_without_samples_takes_no_step(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=1)
+    before = snapshot(trainer)
+    metrics = trainer.train_agent(USER, [])
+    assert metrics["user/trained_turns"] == 0.0 and metrics["user/loss"] == 0.0
+    assert not changed(before, trainer)
