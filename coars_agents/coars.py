@@ -55,6 +55,8 @@ from coars_agents.policy import LLMPolicy, LoraSettings, SamplingConfig
 from coars_agents.rollout import AgentTurn, Episode, LLMAgent, rollout
 from coars_env.data.common import DialogData
 from coars_env.dialog.env import RECOMMENDER, USER
+from coars_env.logs import summarize_episode
+from coars_env.metrics import recommendation_metrics
 from coars_env.vector import VectorRecDialogEnv
 
 AGENTS = (RECOMMENDER, USER)
@@ -96,6 +98,8 @@ class CoARSConfig:
     """Negatives: ``sasrec`` (the paper: SASRec's top-ranked non-targets), ``random`` (the
     AFL/LLaRA protocol); ``default``: random on the synthetic dataset (SASRec's top items
     there share the user's genre, which hides the text signal), SASRec elsewhere."""
+    sasrec_hint: bool = False
+    """Show SASRec's top-1 candidate to the recommender as a hint (as AFL does)."""
     temperature: float = 1.0
     """Sampling temperature of both agents during training rollouts."""
     reason_tokens: int = 24
@@ -157,6 +161,11 @@ class CoARSConfig:
     eval_sessions: int = 32
     """Held-out sessions per evaluation (seeded subset)."""
     eval_split: Literal["valid", "test"] = "valid"
+    eval_batch_size: int = 32
+    """Sessions played in lock-step during evaluation (rows of one generate call)."""
+    eval_alignment_users: int = 8
+    """Users of the eval split whose alignment sets (20 items each) the user agent judges
+    for precision / recall / F1 at every evaluation (0: skip)."""
     checkpoint_every: int = 10
     """Save a checkpoint every N steps (and at the end)."""
     keep_last: int = 2
@@ -274,6 +283,7 @@ class CoARSTrainer:
             exclude_miss_positive=config.exclude_miss_positive,
             max_history_items=config.history_items,
             max_summary_chars=160 if config.item_summaries else 0,
+            sasrec_hint=config.sasrec_hint,
             render_prompts=False,
         )
         n_envs = config.sessions_per_step * config.rollouts_per_session
@@ -510,33 +520,15 @@ class CoARSTrainer:
         metrics: dict[str, float] = {"step": float(self.step + 1), "time/generation_s": t_generate}
         for agent in cfg.trained_agents:
             metrics.update(self.train_agent(agent, [s for s in samples if s.agent == agent]))
-        turns = [r for ep in episodes for r in ep.turns]
         generated = sum(
             len(t.completion_ids) for ep in episodes for t in ep.recommender + ep.user_agent
         )
-        elapsed = time.perf_counter() - t0
+        rollout_metrics = recommendation_metrics([summarize_episode(ep.turns) for ep in episodes])
         metrics.update(
-            {
-                "rollout/hit@1": float(np.mean([ep.hit for ep in episodes])),
-                "rollout/turn1_hit": float(np.mean([ep.turns[0]["hit"] for ep in episodes])),
-                "rollout/avg_turns": float(np.mean([ep.num_turns for ep in episodes])),
-                "rollout/wrong_click_rate": float(
-                    np.mean(
-                        [ep.turns[-1]["action"] == 0 and not ep.turns[-1]["hit"] for ep in episodes]
-                    )
-                ),
-                "rollout/rec_format_failure_rate": float(
-                    np.mean([r["rec_format_failure"] for r in turns])
-                ),
-                "rollout/user_format_failure_rate": float(
-                    np.mean([r["user_format_failure"] for r in turns])
-                ),
-                "rollout/reward_rec": float(np.mean([r["reward_rec"] for r in turns])),
-                "rollout/reward_user": float(np.mean([r["reward_user"] for r in turns])),
-                "time/step_s": elapsed,
-                "throughput/tokens_per_s": generated / max(t_generate, 1e-9),
-            }
+            {f"rollout/{name}": float(rollout_metrics[name].mean) for name in _ROLLOUT_METRICS}
         )
+        metrics["time/step_s"] = time.perf_counter() - t0
+        metrics["throughput/tokens_per_s"] = generated / max(t_generate, 1e-9)
         self.step += 1
         return metrics
 
@@ -545,50 +537,45 @@ class CoARSTrainer:
     def evaluate(
         self, n_sessions: int | None = None, *, use_adapters: bool = True
     ) -> dict[str, float]:
-        """Greedy dialogues on held-out sessions: the recommender against the oracle user
-        (a clean Hit@1: it clicks only the target) and against the LLM user agent."""
-        from coars_env.agents import OracleUser
+        """Greedy dialogues on held-out sessions through :func:`coars_agents.evaluate.evaluate`:
+        the recommender against the oracle user (a clean Hit@1: it clicks only the target)
+        and against the LLM user agent (wrong clicks, format failures), plus the user agent's
+        alignment F1 on ``eval_alignment_users`` users of the split."""
+        from coars_agents.evaluate import evaluate
 
         cfg = self.config
         n = min(n_sessions or cfg.eval_sessions, len(self.eval_data.sessions))
-        rng = np.random.default_rng([cfg.seed, 10**6])
-        session_ids = sorted(
-            int(s) for s in rng.choice(len(self.eval_data.sessions), n, replace=False)
-        )
         agents = self.agents(greedy=True, use_adapters=use_adapters)
+        common = dict(
+            n_sessions=n,
+            seeds=(cfg.seed,),
+            batch_size=cfg.eval_batch_size,
+            env_overrides=self.env_kwargs,
+            subset_seed=cfg.seed,
+            progress=False,
+        )
+        vs_oracle = evaluate(
+            self.eval_data, agents[RECOMMENDER], "oracle", alignment=False, **common
+        )
+        vs_llm = evaluate(
+            self.eval_data,
+            agents[RECOMMENDER],
+            agents[USER],
+            alignment=cfg.eval_alignment_users > 0,
+            n_alignment_users=cfg.eval_alignment_users,
+            **common,
+        )
         out: dict[str, float] = {"eval/sessions": float(n)}
-        for opponent in ("oracle", "llm"):
-            user = OracleUser(self.eval_data) if opponent == "oracle" else agents[USER]
-            episodes: list[Episode] = []
-            batch = cfg.sessions_per_step * cfg.rollouts_per_session
-            for start in range(0, n, batch):
-                chunk = session_ids[start : start + batch]
-                venv = VectorRecDialogEnv(self.eval_data, num_envs=len(chunk), **self.env_kwargs)
-                episodes += rollout(
-                    venv,
-                    {RECOMMENDER: agents[RECOMMENDER], USER: user},
-                    seed=cfg.seed,
-                    options=[{"session_id": s} for s in chunk],
-                )
-            hits = [ep.hit for ep in episodes]
-            turns = [r for ep in episodes for r in ep.turns]
-            out[f"eval/{opponent}/hit@1"] = float(np.mean(hits))
-            out[f"eval/{opponent}/hit@1_se"] = float(np.std(hits) / math.sqrt(max(1, len(hits))))
-            out[f"eval/{opponent}/turn1_hit@1"] = float(
-                np.mean([ep.turns[0]["hit"] for ep in episodes])
-            )
-            out[f"eval/{opponent}/rec_format_failure_rate"] = float(
-                np.mean([r["rec_format_failure"] for r in turns])
-            )
-            if opponent == "llm":
-                out["eval/llm/wrong_click_rate"] = float(
-                    np.mean(
-                        [ep.turns[-1]["action"] == 0 and not ep.turns[-1]["hit"] for ep in episodes]
-                    )
-                )
-                out["eval/llm/user_format_failure_rate"] = float(
-                    np.mean([r["user_format_failure"] for r in turns])
-                )
+        for opponent, result, names in (
+            ("oracle", vs_oracle, _ORACLE_EVAL_METRICS),
+            ("llm", vs_llm, _LLM_EVAL_METRICS),
+        ):
+            for name in names:
+                estimate = result.metrics[name]
+                if estimate.n > 0:  # e.g. no alignment cases: leave user_f1 out
+                    out[f"eval/{opponent}/{name}"] = float(estimate.mean)
+            hits = result.episodes["hit"].to_numpy(dtype=float)
+            out[f"eval/{opponent}/hit@1_se"] = float(hits.std() / math.sqrt(max(1, len(hits))))
         return out
 
     # ------------------------------------------------------------------ checkpoints
@@ -703,6 +690,37 @@ class CoARSTrainer:
             import pandas as pd
 
             pd.read_json(path, lines=True).to_csv(self.output_dir / "metrics.csv", index=False)
+
+
+_ROLLOUT_METRICS = (
+    "hit@1",
+    "turn1_hit@1",
+    "avg_turns",
+    "wrong_click_rate",
+    "rec_format_failure_rate",
+    "user_format_failure_rate",
+    "reward_rec",
+    "reward_user",
+)
+_ORACLE_EVAL_METRICS = (
+    "hit@1",
+    "turn1_hit@1",
+    "avg_turns",
+    "rec_format_failure_rate",
+    "repeat_rate",
+)
+_LLM_EVAL_METRICS = (
+    "hit@1",
+    "turn1_hit@1",
+    "avg_turns",
+    "click_rate",
+    "wrong_click_rate",
+    "rec_format_failure_rate",
+    "user_format_failure_rate",
+    "user_precision",
+    "user_recall",
+    "user_f1",
+)
 
 
 def _step_seed(seed: int, step: int) -> int:

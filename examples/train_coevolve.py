@@ -17,6 +17,7 @@ SmolLM2-135M-Instruct, with the CPU preset (constrained decoding, short rational
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import tyro
@@ -49,12 +50,13 @@ def main(args: Args) -> dict[str, dict[str, float]]:
         ("wrong-click rate (LLM user)", "eval/llm/wrong_click_rate"),
         ("recommender format failures", "eval/oracle/rec_format_failure_rate"),
         ("user format failures", "eval/llm/user_format_failure_rate"),
+        ("user alignment F1", "eval/llm/user_f1"),
     ]
     print(f"\nHeld-out {args.train.eval_split} sessions: {int(after['eval/sessions'])}")
     print("| metric | before | after |\n|---|---|---|")
     for label, key in rows:
-        b = "-" if before is None else f"{before[key]:.3f}"
-        print(f"| {label} | {b} | {after[key]:.3f} |")
+        b = "-" if before is None else f"{before.get(key, math.nan):.3f}"
+        print(f"| {label} | {b} | {after.get(key, math.nan):.3f} |")
     print(f"\nLogs and checkpoints: {args.train.output_dir}")
     return {"before": before or {}, "after": after}
 

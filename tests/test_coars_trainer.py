@@ -35,7 +35,7 @@ EXPECTED_METRICS = {
     "time/step_s",
     "throughput/tokens_per_s",
     "rollout/hit@1",
-    "rollout/turn1_hit",
+    "rollout/turn1_hit@1",
     "rollout/avg_turns",
     "rollout/wrong_click_rate",
     "rollout/rec_format_failure_rate",
@@ -231,3 +231,24 @@ def test_an_agent_without_samples_takes_no_step(tmp_path):
     metrics = trainer.train_agent(USER, [])
     assert metrics["user/trained_turns"] == 0.0 and metrics["user/loss"] == 0.0
     assert not changed(before, trainer)
+
+
+def test_evaluate_reports_hit_rates_and_user_alignment_deterministically(tmp_path):
+    from tinydata import tiny_dialog_data as tiny_with_alignment
+
+    data = tiny_with_alignment()
+    config = CoARSConfig(
+        output_dir=str(tmp_path / "run"), **{**TINY, "eval_sessions": 5, "eval_batch_size": 3}
+    )
+    trainer = CoARSTrainer(config, train_data=data, eval_data=data)
+    first = trainer.evaluate()
+    assert first["eval/sessions"] == 5.0
+    for opponent in ("oracle", "llm"):
+        assert 0.0 <= first[f"eval/{opponent}/hit@1"] <= 1.0
+        assert first[f"eval/{opponent}/rec_format_failure_rate"] == 0.0  # constrained
+    # The oracle user clicks only the target: a session ends early only on a hit.
+    assert first["eval/oracle/avg_turns"] >= 1.0
+    assert "eval/llm/user_f1" in first and 0.0 <= first["eval/llm/user_f1"] <= 1.0
+    # Greedy evaluation is deterministic, and fresh adapters (LoRA B = 0) act like the base.
+    assert trainer.evaluate() == first
+    assert trainer.evaluate(use_adapters=False) == first
