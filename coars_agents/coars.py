@@ -75,7 +75,10 @@ class CoARSConfig:
     output_dir: str = "runs/coars"
     """Checkpoints, ``metrics.jsonl``/``metrics.csv``, TensorBoard events and trajectory logs."""
     seed: int = 0
-    """Seeds session sampling, rollouts, adapters' initialisation and evaluation."""
+    """Seeds session sampling, rollouts, adapters' initialisation and evaluation subsets."""
+    data_seed: int = 0
+    """Seeds the data preparation (candidates, SASRec, alignment sets). Kept apart from
+    ``seed`` so that runs with different seeds share one dataset and test set."""
     data_dir: str | None = None
     """Dataset root (default: ``COARS_DATA_DIR``, else the per-user cache)."""
 
@@ -170,6 +173,9 @@ class CoARSConfig:
     """Save a checkpoint every N steps (and at the end)."""
     keep_last: int = 2
     """Checkpoints kept besides ``best``."""
+    time_limit_minutes: float = 0.0
+    """Stop after the step that passes this much wall time in this call, with a checkpoint
+    (0: no limit); running again resumes. For time-limited jobs and fixed-budget comparisons."""
     resume: bool = True
     """Resume from the newest checkpoint in ``output_dir`` when there is one."""
     tensorboard: bool = True
@@ -245,19 +251,8 @@ class CoARSTrainer:
             project_dir=str(self.output_dir),
         )
         set_seed(config.seed)
-        if train_data is None or eval_data is None:
-            from coars_env import load_dialog_data
-
-            kwargs = dict(seed=config.seed, data_dir=config.data_dir, **config.data_overrides)
-            mode = config.candidate_mode
-            if mode == "default":
-                mode = "random" if "synthetic" in config.env_id else "sasrec"
-            kwargs.setdefault("candidate_mode", mode)
-            train_data = train_data or load_dialog_data(config.env_id, split="train", **kwargs)
-            eval_data = eval_data or load_dialog_data(
-                config.env_id, split=config.eval_split, **kwargs
-            )
-        self.train_data, self.eval_data = train_data, eval_data
+        self.train_data = train_data or self.load_data("train")
+        self.eval_data = eval_data or self.load_data(config.eval_split)
         self.policy = policy or load_policy(config, self.accelerator.device)
         lora = LoraSettings(
             r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets
@@ -288,7 +283,7 @@ class CoARSTrainer:
         )
         n_envs = config.sessions_per_step * config.rollouts_per_session
         self.train_env = VectorRecDialogEnv(
-            train_data, num_envs=n_envs, reveal_target=True, **env_kwargs
+            self.train_data, num_envs=n_envs, reveal_target=True, **env_kwargs
         )
         self.env_kwargs = env_kwargs
         self.step = 0
@@ -296,6 +291,18 @@ class CoARSTrainer:
         # Hindsight memory: the last trajectory's turn records per training session.
         self.memory: dict[int, list[dict]] = {}
         self.history: list[dict] = []
+
+    def load_data(self, split: str) -> DialogData:
+        """One split of ``config.env_id``, prepared with ``data_seed`` and the candidate mode."""
+        from coars_env import load_dialog_data
+
+        cfg = self.config
+        kwargs = dict(seed=cfg.data_seed, data_dir=cfg.data_dir, **cfg.data_overrides)
+        mode = cfg.candidate_mode
+        if mode == "default":
+            mode = "random" if "synthetic" in cfg.env_id else "sasrec"
+        kwargs.setdefault("candidate_mode", mode)
+        return load_dialog_data(cfg.env_id, split=split, **kwargs)
 
     # ------------------------------------------------------------------ agents
 
@@ -535,16 +542,22 @@ class CoARSTrainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(
-        self, n_sessions: int | None = None, *, use_adapters: bool = True
+        self,
+        n_sessions: int | None = None,
+        *,
+        use_adapters: bool = True,
+        data: DialogData | None = None,
     ) -> dict[str, float]:
         """Greedy dialogues on held-out sessions through :func:`coars_agents.evaluate.evaluate`:
         the recommender against the oracle user (a clean Hit@1: it clicks only the target)
         and against the LLM user agent (wrong clicks, format failures), plus the user agent's
-        alignment F1 on ``eval_alignment_users`` users of the split."""
+        alignment F1 on ``eval_alignment_users`` users of the split. ``data``: another
+        held-out split than ``eval_data`` (e.g. the test split after training)."""
         from coars_agents.evaluate import evaluate
 
         cfg = self.config
-        n = min(n_sessions or cfg.eval_sessions, len(self.eval_data.sessions))
+        data = data or self.eval_data
+        n = min(n_sessions or cfg.eval_sessions, len(data.sessions))
         agents = self.agents(greedy=True, use_adapters=use_adapters)
         common = dict(
             n_sessions=n,
@@ -554,11 +567,9 @@ class CoARSTrainer:
             subset_seed=cfg.seed,
             progress=False,
         )
-        vs_oracle = evaluate(
-            self.eval_data, agents[RECOMMENDER], "oracle", alignment=False, **common
-        )
+        vs_oracle = evaluate(data, agents[RECOMMENDER], "oracle", alignment=False, **common)
         vs_llm = evaluate(
-            self.eval_data,
+            data,
             agents[RECOMMENDER],
             agents[USER],
             alignment=cfg.eval_alignment_users > 0,
@@ -649,6 +660,7 @@ class CoARSTrainer:
             desc="CoARS",
             disable=not self.accelerator.is_main_process,
         )
+        started = time.monotonic()
         while self.step < cfg.total_steps:
             metrics = self.train_step()
             if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -658,17 +670,33 @@ class CoARSTrainer:
                     self.best_hit = hit
                     self.save_checkpoint("best")
             self._log(metrics)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
+            out_of_time = self._out_of_time(started)
+            if out_of_time or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
                 self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(
                 hit=f"{metrics['rollout/hit@1']:.2f}",
                 loss=f"{metrics.get('recommender/loss', 0):.3f}",
             )
+            if out_of_time:
+                break
         bar.close()
         self._write_csv()
         self.accelerator.end_training()
         return self.history
+
+    def _out_of_time(self, started: float) -> bool:
+        """Past ``time_limit_minutes``? Agreed by all processes (one stopping alone would
+        leave the others waiting in the gradient all-reduce)."""
+        limit = self.config.time_limit_minutes
+        if not limit:
+            return False
+        late = torch.tensor(
+            float(time.monotonic() - started > 60 * limit), device=self.accelerator.device
+        )
+        if self.accelerator.num_processes > 1:
+            late = self.accelerator.reduce(late, reduction="sum")
+        return bool(late.item() > 0)
 
     def _drop_logs_after(self, step: int) -> None:
         """On resume, forget metrics of steps after the checkpoint: they are redone."""

@@ -100,6 +100,8 @@ __all__ = [
     "load_adapter_agent",
     "main",
     "make_scripted",
+    "plot_learning_curves",
+    "read_training_logs",
     "resolve_adapter_dir",
     "run",
 ]
@@ -469,6 +471,84 @@ class EvalResult:
         fig.savefig(paths["rewards_png"], dpi=120)
         plt.close(fig)
         return paths
+
+
+CURVE_METRICS = (
+    ("rollout/hit@1", "training rollouts: Hit@1 (vs LLM user)"),
+    ("rollout/reward_rec", "training rollouts: recommender reward / episode"),
+    ("rollout/reward_user", "training rollouts: user reward / episode"),
+    ("eval/oracle/hit@1", "held-out: Hit@1 vs oracle user"),
+)
+"""Panels of :func:`plot_learning_curves`: (``metrics.jsonl`` column, title)."""
+
+
+def read_training_logs(runs: Mapping[str, Sequence[str | os.PathLike]]) -> pd.DataFrame:
+    """The ``metrics.jsonl`` of CoARS runs as one long frame with ``label`` and ``run`` columns.
+
+    ``runs`` maps a label (e.g. a method) to its run folders (e.g. one per seed). A line torn
+    by a killed run is skipped; a folder without ``metrics.jsonl`` raises FileNotFoundError.
+    """
+    frames = []
+    for label, folders in runs.items():
+        for folder in folders:
+            path = Path(folder) / "metrics.jsonl"
+            if not path.is_file():
+                raise FileNotFoundError(f"no training log {path} (is {folder} a CoARS run?)")
+            rows = []
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            frames.append(pd.DataFrame(rows).assign(label=label, run=str(folder)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_learning_curves(
+    runs: Mapping[str, Sequence[str | os.PathLike]],
+    out_png: str | os.PathLike,
+    *,
+    metrics: Sequence[tuple[str, str]] = CURVE_METRICS,
+    smooth: int = 5,
+) -> Path:
+    """Learning curves from training logs: one panel per metric, one line per label (the mean
+    over its runs, e.g. seeds, after a trailing moving average of ``smooth`` logged points)
+    with a min-max band over runs. Panels whose metric no run logged are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = read_training_logs(runs)
+    panels = [(m, title) for m, title in metrics if m in logs.columns and logs[m].notna().any()]
+    if not panels:
+        raise ValueError(f"none of {[m for m, _ in metrics]} was logged in {dict(runs)}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        for i, (label, group) in enumerate(logs.groupby("label", sort=False)):
+            per_run = group.dropna(subset=[metric]).pivot_table(
+                index="step", columns="run", values=metric
+            )
+            if per_run.empty:
+                continue
+            window = 1 if metric.startswith("eval/") else smooth
+            per_run = per_run.rolling(window, min_periods=1).mean()
+            mean = per_run.mean(axis=1)
+            ax.plot(mean.index, mean.values, color=f"C{i}", label=f"{label} (n={per_run.shape[1]})")
+            if per_run.shape[1] > 1:
+                ax.fill_between(
+                    mean.index, per_run.min(axis=1), per_run.max(axis=1), color=f"C{i}", alpha=0.2
+                )
+        ax.set(xlabel="optimizer step", title=title)
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def _fmt(x: float) -> str:
@@ -857,7 +937,8 @@ class EvalArgs:
     """random | popularity | sasrec | oracle | llm (the base model) | an adapter / CoARS
     checkpoint / run folder (see ``resolve_adapter_dir``)."""
     user: str = "oracle"
-    """oracle | llm | an adapter / CoARS checkpoint / run folder."""
+    """oracle | llm | an adapter / CoARS checkpoint / run folder. A run folder's training log
+    (``metrics.jsonl``) is also plotted as ``learning_curves.png``."""
     baseline: Literal["none", "zero-shot", "afl"] = "none"
     """Evaluate an LLM baseline instead (replaces --recommender and --user; with zero-shot,
     --user llm puts the base LLM on the user side instead of the oracle)."""
@@ -997,6 +1078,16 @@ def run(args: EvalArgs) -> EvalResult:
         name=name,
         progress=args.progress,
     )
+    # A trained agent given as a CoARS run folder: plot that run's learning curves too.
+    runs = {
+        Path(spec).name: [spec]
+        for spec in dict.fromkeys((args.recommender, args.user))
+        if (Path(spec) / "metrics.jsonl").is_file()
+    }
+    if runs:
+        result.files["learning_curves_png"] = plot_learning_curves(
+            runs, Path(args.out) / "learning_curves.png"
+        )
     print(result.markdown())
     print(f"wrote {args.out}/ ({', '.join(sorted(p.name for p in result.files.values()))})")
     return result

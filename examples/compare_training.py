@@ -1,0 +1,267 @@
+"""CoARS against outcome-only RL and no training: one table over datasets and seeds.
+
+Every (dataset, method, seed) is one job: a :class:`CoARSTrainer` run with the shared
+settings (``--total-steps``, ``--learning-rate``, ...), then a greedy evaluation of the final
+adapters on held-out sessions of ``--final-split``. Methods:
+
+- ``untrained``: the base model with fresh adapters (no step taken);
+- ``outcome``: the RL baseline of METHOD.md (every recommender turn gets +1 / -1 for the
+  episode's final hit, no credit term, the user agent is not trained);
+- ``coars``: the interaction rewards plus the self-distilled credit term, both agents.
+
+Outputs in ``--out-dir``: one folder per job (the trainer's logs and checkpoints, and
+``result.json``), ``results.csv`` (one row per job), ``summary.csv`` / ``summary.md`` (mean
+and 95% t-interval over seeds per dataset and method) and ``learning_curves_<env>.png``.
+Finished jobs are skipped when the command is run again, so an interrupted comparison
+resumes where it stopped.
+
+    # CPU smoke scale (a random tiny model: tests the pipeline, learns nothing useful)
+    python examples/compare_training.py --model tiny --total-steps 2 --final-sessions 8
+    # the recorded GPU run (README, "Results"): see docs/results/coars_vs_rl.md
+    python examples/compare_training.py --env-ids RecDialog-synthetic RecDialog-ml100k \\
+        --model smollm2 --workers 12 --total-steps 60 --sessions-per-step 16 \\
+        --mixed-precision bf16 --final-sessions 300
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import tyro
+
+from coars_agents.coars import CoARSConfig, CoARSTrainer
+from coars_agents.evaluate import plot_learning_curves
+
+Method = Literal["untrained", "outcome", "coars"]
+
+TABLE_METRICS = (
+    ("eval/oracle/hit@1", "Hit@1"),
+    ("eval/oracle/turn1_hit@1", "turn-1 Hit@1"),
+    ("eval/llm/hit@1", "Hit@1 (LLM user)"),
+    ("eval/llm/user_f1", "user F1"),
+    ("eval/llm/wrong_click_rate", "wrong-click rate"),
+    ("eval/oracle/rec_format_failure_rate", "rec. format failures"),
+    ("eval/llm/user_format_failure_rate", "user format failures"),
+)
+"""(result key, column name) of the summary table; Hit@1 is against the oracle user."""
+
+# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); 1.96 beyond.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclass
+class Args:
+    """Command line of examples/compare_training.py."""
+
+    env_ids: tuple[str, ...] = ("RecDialog-synthetic",)
+    """Datasets (env ids) to compare on."""
+    methods: tuple[Method, ...] = ("untrained", "outcome", "coars")
+    """Methods (rows of the table)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One training run per seed and method (the seed drives data sampling, rollouts and
+    the adapters' initialisation; the data split itself uses the trainer's default)."""
+    out_dir: str = "runs/compare"
+    """Folder of all jobs, tables and plots."""
+    final_split: Literal["valid", "test"] = "test"
+    """Split of the final evaluation (training's periodic evaluations use ``eval_split``)."""
+    final_sessions: int = 300
+    """Held-out sessions of the final evaluation (a seeded subset per seed)."""
+    final_alignment_users: int = 50
+    """Users whose alignment sets the final evaluation judges (user F1)."""
+    workers: int = 1
+    """Jobs run in parallel processes (on one GPU too: small models leave it mostly idle)."""
+    report_only: bool = False
+    """Run nothing: tabulate the finished jobs found in ``out_dir`` and plot their curves."""
+    deadline_minutes: float = 0.0
+    """Do not start a job later than this many minutes after launch (0: no limit); the
+    tables then cover the jobs that finished."""
+    train: CoARSConfig = field(
+        default_factory=lambda: CoARSConfig(
+            total_steps=60, sessions_per_step=16, eval_every=10, eval_sessions=64, tensorboard=False
+        )
+    )
+    """Shared trainer settings (env_id, seed, reward_mode and output_dir are set per job)."""
+
+
+def job_config(args: Args, env_id: str, method: Method, seed: int) -> CoARSConfig:
+    """The trainer configuration of one job."""
+    return dataclasses.replace(
+        args.train,
+        env_id=env_id,
+        seed=seed,
+        output_dir=str(Path(args.out_dir) / _slug(env_id) / method / f"seed{seed}"),
+        reward_mode="outcome" if method == "outcome" else "interaction",
+        total_steps=0 if method == "untrained" else args.train.total_steps,
+        eval_every=0 if method == "untrained" else args.train.eval_every,
+    )
+
+
+def run_job(args: Args, env_id: str, method: Method, seed: int, threads: int) -> dict:
+    """Train (unless untrained), evaluate the final adapters, write and return result.json."""
+    import torch
+
+    torch.set_num_threads(threads)
+    config = job_config(args, env_id, method, seed)
+    result_path = Path(config.output_dir) / "result.json"
+    if (done := finished_result(args, env_id, method, seed)) is not None:
+        return done
+    start = time.perf_counter()
+    trainer = CoARSTrainer(config)
+    trainer.train()
+    trained = time.perf_counter()
+    trainer.config = dataclasses.replace(config, eval_alignment_users=args.final_alignment_users)
+    final = trainer.evaluate(args.final_sessions, data=trainer.load_data(args.final_split))
+    result = {
+        "env_id": env_id,
+        "method": method,
+        "seed": seed,
+        "steps": trainer.step,
+        "train_seconds": trained - start,
+        "eval_seconds": time.perf_counter() - trained,
+        "split": args.final_split,
+        **final,
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval over seeds (NaN half-width with one seed)."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = _T95.get(len(values) - 1, 1.96) * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, method): seeds, steps, minutes, and per metric the mean over
+    seeds with its 95% t-interval (columns ``<name>``, ``<name> low``, ``<name> high``)."""
+    rows = []
+    for (env_id, method), group in results.groupby(["env_id", "method"], sort=False):
+        row = {
+            "dataset": env_id,
+            "method": method,
+            "seeds": len(group),
+            "steps": int(group["steps"].max()),
+            "sessions": int(group["eval/sessions"].max()),
+            "train min": float(group["train_seconds"].mean() / 60),
+        }
+        for key, name in TABLE_METRICS:
+            values = group[key].to_numpy(dtype=float) if key in group else np.array([])
+            mean, low, high = t_interval(values)
+            # Every table metric is a rate: an interval beyond [0, 1] says nothing more.
+            row[name], row[f"{name} low"], row[f"{name} high"] = mean, max(low, 0), min(high, 1)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table: ``mean [low, high]`` per metric."""
+    names = [name for _, name in TABLE_METRICS]
+    head = ["dataset", "method", "seeds", "steps", "sessions", "train min", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary.iterrows():
+        cells = [r["dataset"], r["method"], str(r["seeds"]), str(r["steps"]), str(r["sessions"])]
+        cells.append(f"{r['train min']:.1f}")
+        for name in names:
+            mean, low, high = r[name], r[f"{name} low"], r[f"{name} high"]
+            if math.isnan(mean):
+                cells.append("-")
+            elif math.isnan(low):
+                cells.append(f"{mean:.3f}")
+            else:
+                cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Args) -> pd.DataFrame:
+    """Run (or resume) every job, then write the tables and learning curves."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(e, m, s) for e in args.env_ids for m in args.methods for s in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    start, results = time.monotonic(), []
+
+    def finished(job: tuple, result: dict | None) -> None:
+        if result is not None:
+            results.append(result)
+            write_tables(out, results)  # after every job: a killed comparison keeps its table
+            print(f"done {job}: Hit@1 {result['eval/oracle/hit@1']:.3f}", flush=True)
+
+    if args.report_only:
+        results = [r for job in jobs if (r := finished_result(args, *job)) is not None]
+    elif args.workers == 1:
+        for job in jobs:
+            finished(job, _guarded_job(args, *job, threads, start))
+    else:
+        # Spawned processes: CUDA cannot be shared with forked ones.
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            futures = {job: pool.submit(_guarded_job, args, *job, threads, start) for job in jobs}
+            for job, future in futures.items():
+                finished(job, future.result())
+    summary = write_tables(out, results)
+    print(to_markdown(summary))
+    for env_id in args.env_ids:
+        runs = {
+            method: [d for s in args.seeds if (d := _run_dir(args, env_id, method, s)) is not None]
+            for method in args.methods
+            if method != "untrained"
+        }
+        runs = {method: dirs for method, dirs in runs.items() if dirs}
+        if runs:
+            png = plot_learning_curves(runs, out / f"learning_curves_{_slug(env_id)}.png")
+            print(f"wrote {png}")
+    return pd.DataFrame(results)
+
+
+def write_tables(out: Path, results: list[dict]) -> pd.DataFrame:
+    """``results.csv`` (one row per job), ``summary.csv`` and ``summary.md``."""
+    frame = pd.DataFrame(results)
+    frame.to_csv(out / "results.csv", index=False)
+    summary = summarise(frame) if len(frame) else pd.DataFrame()
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(to_markdown(summary) if len(summary) else "no finished job\n")
+    return summary
+
+
+def finished_result(args: Args, env_id: str, method: Method, seed: int) -> dict | None:
+    """A job's ``result.json``, or None when it has not finished."""
+    path = Path(job_config(args, env_id, method, seed).output_dir) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_dir(args: Args, env_id: str, method: Method, seed: int) -> str | None:
+    folder = job_config(args, env_id, method, seed).output_dir
+    return folder if (Path(folder) / "metrics.jsonl").is_file() else None
+
+
+def _guarded_job(args: Args, env_id: str, method: Method, seed: int, threads: int, start: float):
+    if args.deadline_minutes and time.monotonic() - start > 60 * args.deadline_minutes:
+        return None
+    return run_job(args, env_id, method, seed, threads)
+
+
+def _slug(env_id: str) -> str:
+    return env_id.removeprefix("RecDialog-")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, config=(tyro.conf.OmitArgPrefixes,)))
