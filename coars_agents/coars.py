@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -421,7 +422,16 @@ class CoARSTrainer:
         """Teacher/student scoring, the credit term and the loss for one agent's adapter."""
         cfg, acc = self.config, self.accelerator
         optimizer = self.optimizers[agent]
-        stats = {"loss": 0.0, "abs_credit": 0.0, "pos_credit": 0.0, "tokens": 0.0}
+        stats = {
+            "loss": 0.0,
+            "abs_credit": 0.0,
+            "pos_credit": 0.0,
+            "tokens": 0.0,
+            "nonfinite_chunks": 0.0,
+            "nonfinite_student_tokens": 0.0,
+            "nonfinite_teacher_tokens": 0.0,
+            "skipped_steps": 0.0,
+        }
         t_score = t_backward = 0.0
         # No samples (e.g. the user never had anything to judge): nothing to score, and no
         # optimizer step on this process unless other processes bring gradients.
@@ -468,9 +478,17 @@ class CoARSTrainer:
                     ref_logprobs=pad(reference) if reference is not None else None,
                     kl_coef=cfg.kl_coef,
                 )
+                t_score += t1 - t0
+                if not torch.isfinite(loss):
+                    # A NaN/inf log-prob (seen rarely with bf16 on GPUs) would poison the
+                    # adapter: skip this chunk, count it and where it came from.
+                    stats["nonfinite_chunks"] += 1
+                    stats["nonfinite_student_tokens"] += _count_nonfinite(student_lp, token_mask)
+                    stats["nonfinite_teacher_tokens"] += _count_nonfinite(teacher_lp, token_mask)
+                    _warn_nonfinite(agent, self.step)
+                    continue
                 # Chunks are parts of one batch: scale so the step sees the batch mean.
                 acc.backward(loss * len(chunk) / len(samples))
-                t_score += t1 - t0
                 t_backward += time.perf_counter() - t1
                 n_tokens = float(token_mask.sum())
                 stats["loss"] += float(loss.detach()) * len(chunk) / len(samples) / cfg.ppo_epochs
@@ -480,9 +498,16 @@ class CoARSTrainer:
             params = self.policy.trainable_parameters(agent)
             self._all_reduce_gradients(params)
             if any(p.grad is not None for p in params):
-                if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                grads_finite = all(
+                    torch.isfinite(p.grad).all() for p in params if p.grad is not None
+                )
+                if not grads_finite:  # same decision on every process: grads were all-reduced
+                    stats["skipped_steps"] += 1
+                    _warn_nonfinite(agent, self.step)
+                else:
+                    if cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         tokens = max(1.0, stats.pop("tokens"))
         trained = [s for s in samples if s.turn_mask > 0]
@@ -493,6 +518,10 @@ class CoARSTrainer:
             f"{agent}/frac_positive_credit": stats["pos_credit"] / tokens,
             f"{agent}/trained_turns": float(len(trained)),
             f"{agent}/masked_turns": float(len(samples) - len(trained)),
+            f"{agent}/nonfinite_chunks": stats["nonfinite_chunks"],
+            f"{agent}/nonfinite_student_tokens": stats["nonfinite_student_tokens"],
+            f"{agent}/nonfinite_teacher_tokens": stats["nonfinite_teacher_tokens"],
+            f"{agent}/skipped_steps": stats["skipped_steps"],
             f"time/{agent}_scoring_s": t_score,
             f"time/{agent}_backward_s": t_backward,
         }
@@ -749,6 +778,20 @@ _LLM_EVAL_METRICS = (
     "user_recall",
     "user_f1",
 )
+
+
+def _count_nonfinite(logprobs: torch.Tensor, token_mask: torch.Tensor) -> float:
+    return float((~torch.isfinite(logprobs) & (token_mask > 0)).sum())
+
+
+def _warn_nonfinite(agent: str, step: int) -> None:
+    warnings.warn(
+        f"non-finite loss or gradient for the {agent} adapter at step {step + 1}: skipped "
+        "(counted in the logs as nonfinite_chunks / skipped_steps). If it recurs, try "
+        "--mixed-precision no or a float32 model.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _step_seed(seed: int, step: int) -> int:

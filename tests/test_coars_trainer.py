@@ -261,3 +261,26 @@ def test_time_limit_stops_after_one_step_with_a_checkpoint_and_resumes(tmp_path)
     assert [p.name for p in trainer.checkpoint_dirs()] == ["step_000001"]
     resumed = make_trainer(tmp_path, total_steps=3, checkpoint_every=100)
     assert [m["step"] for m in resumed.train()] == [2.0, 3.0]
+
+
+def test_a_nan_log_prob_skips_the_chunk_and_leaves_the_adapter_finite(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=1, micro_batch_size=64)
+    score = trainer.policy.score
+
+    def nan_for_recommender_student(prompts, completions, adapter=None, requires_grad=False):
+        out = score(prompts, completions, adapter=adapter, requires_grad=requires_grad)
+        if adapter == RECOMMENDER and requires_grad:
+            out[0] = out[0] * float("nan")
+        return out
+
+    trainer.policy.score = nan_for_recommender_student
+    before = snapshot(trainer)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        metrics = trainer.train()[0]
+    assert metrics["recommender/nonfinite_chunks"] == 1.0
+    assert metrics["recommender/nonfinite_student_tokens"] > 0
+    assert metrics["user/nonfinite_chunks"] == 0.0
+    moved = changed(before, trainer)
+    assert not any(".recommender." in n for n in moved)  # the only chunk was skipped
+    assert any(".user." in n for n in moved)
+    assert all(torch.isfinite(p).all() for p in trainer.policy.model.parameters())
