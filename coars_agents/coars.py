@@ -308,6 +308,7 @@ class CoARSTrainer:
     # ------------------------------------------------------------------ agents
 
     def agents(self, *, greedy: bool, seed_offset: int = 0, use_adapters: bool = True) -> dict:
+        """Both roles' :class:`LLMAgent`, each acting with its own adapter (or the base model)."""
         sampling = SamplingConfig(
             temperature=self.config.temperature,
             max_new_tokens=self.config.max_new_tokens,
@@ -336,6 +337,7 @@ class CoARSTrainer:
         return [int(s) for s in rng.choice(n, size=k, replace=False)]
 
     def credit_coef(self, agent: str) -> float:
+        """lambda for ``agent`` at the current step (0 for the outcome-only baseline)."""
         cfg = self.config
         if cfg.reward_mode == "outcome":
             return 0.0
@@ -621,6 +623,7 @@ class CoARSTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_dirs(self) -> list[Path]:
+        """The ``checkpoints/step_*`` folders, oldest first (``best`` excluded)."""
         root = self.output_dir / "checkpoints"
         return sorted(root.glob("step_*")) if root.exists() else []
 
@@ -652,6 +655,7 @@ class CoARSTrainer:
         return final
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Restore adapters, optimizer states, step, best score and hindsight memory."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
         for agent in AGENTS:

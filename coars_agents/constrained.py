@@ -281,6 +281,7 @@ class TokenVocab:
         return self._encode_cache[text]
 
     def mask_of(self, ids: Sequence[int]) -> torch.Tensor:
+        """A boolean mask over the vocabulary that allows exactly ``ids``."""
         mask = torch.zeros(self.n_logits, dtype=torch.bool)
         mask[list(ids)] = True
         return mask

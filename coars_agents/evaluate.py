@@ -151,6 +151,7 @@ class TargetRecommender:
         self.index = SessionIndex(data)
 
     def reset(self, seed: int | None = None) -> None:
+        """Start a new episode (nothing to reset: the target is read per observation)."""
         pass
 
     def __call__(self, obs: Mapping[str, Any]) -> int:

@@ -161,6 +161,7 @@ class LoraSettings:
     """PEFT's initialisation; ``True`` zeroes ``B``, so a new adapter equals the base model."""
 
     def to_peft(self) -> LoraConfig:
+        """The ``peft.LoraConfig`` of these settings (causal LM task)."""
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,

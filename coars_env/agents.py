@@ -119,6 +119,7 @@ class RandomRecommender:
         self.rng = np.random.default_rng(seed)
 
     def reset(self, seed: int | None = None) -> None:
+        """Start a new episode (``seed`` reseeds a random agent; others ignore it)."""
         if seed is not None:
             self.rng = np.random.default_rng(seed)
 
@@ -136,6 +137,7 @@ class PopularityRecommender:
         self.popularity = np.asarray(data.popularity, dtype=np.float64)
 
     def reset(self, seed: int | None = None) -> None:
+        """Start a new episode (``seed`` reseeds a random agent; others ignore it)."""
         pass
 
     def __call__(self, obs: Observation) -> int:
@@ -167,6 +169,7 @@ class SASRecRecommender:
         self.similarity = HistorySimilarity(data)
 
     def reset(self, seed: int | None = None) -> None:
+        """Start a new episode (``seed`` reseeds a random agent; others ignore it)."""
         pass
 
     def __call__(self, obs: Observation) -> int:
@@ -211,9 +214,11 @@ class OracleUser:
         self.threshold = threshold
 
     def reset(self, seed: int | None = None) -> None:
+        """Start a new episode (``seed`` reseeds a random agent; others ignore it)."""
         pass
 
     def target(self, obs: Observation) -> int:
+        """The session's target item, read from the observation's session id."""
         if self.target_lookup is not None:
             return int(self.target_lookup(obs))
         session = self.index.lookup(obs)

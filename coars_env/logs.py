@@ -353,9 +353,11 @@ class VectorLoggingWrapper:
         return getattr(self.venv, name)
 
     def reset(self, *args: Any, **kwargs: Any) -> Any:
+        """Reset the wrapped vector env (nothing is logged before a step)."""
         return self.venv.reset(*args, **kwargs)
 
     def step(self, replies: Any) -> tuple[list, list, list, list, list]:
+        """Step the wrapped vector env and log every finished turn's record."""
         result = self.venv.step(replies)
         records = [r for infos in result[4] for r in turn_records_from_infos(infos)]
         if records:
@@ -363,6 +365,7 @@ class VectorLoggingWrapper:
         return result
 
     def close(self) -> None:
+        """Close the vector env, and the logger too when this wrapper owns it."""
         self.venv.close()
         if self.close_logger:
             self.logger.close()

@@ -82,6 +82,7 @@ class VectorRecDialogEnv:
         return self.envs[0].observation_space(agent)
 
     def action_space(self, agent: str):
+        """The action space of ``agent`` in each sub-environment (text: its answer)."""
         return self.envs[0].action_space(agent)
 
     # ------------------------------------------------------------------ reset
@@ -207,6 +208,7 @@ class VectorRecDialogEnv:
         return out_obs, out_rew, out_term, out_trunc, out_info
 
     def close(self) -> None:
+        """Close every sub-environment."""
         for env in self.envs:
             env.close()
 
