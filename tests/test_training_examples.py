@@ -1,0 +1,121 @@
+"""The training examples run end to end at tiny scale: examples/train_coevolve.py (the README's
+main job) and examples/compare_training.py (the method comparison), plus the learning-curve
+plots the evaluator draws from training logs."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_examples import load_example
+
+from coars_agents.coars import CoARSConfig
+from coars_agents.evaluate import plot_learning_curves, read_training_logs
+
+
+@pytest.fixture(scope="module")
+def tiny_train(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Trainer settings for seconds-long runs: random tiny model, small SASRec, 1 turn."""
+    return dict(
+        model="tiny",
+        max_turns=1,
+        sessions_per_step=1,
+        reason_tokens=2,
+        max_new_tokens=12,
+        eval_sessions=2,
+        eval_batch_size=2,
+        eval_alignment_users=0,
+        tensorboard=False,
+        data_overrides={
+            "sasrec": {"hidden": 16, "blocks": 1, "heads": 1, "max_len": 16, "epochs": 1},
+            "progress": False,
+            "alignment_users": 4,
+            "cache_dir": str(tmp_path_factory.mktemp("coars-train-data")),
+        },
+    )
+
+
+def test_train_coevolve_prints_a_before_after_table(tmp_path, tiny_train, capsys):
+    example = load_example("train_coevolve")
+    config = CoARSConfig(output_dir=str(tmp_path / "run"), total_steps=2, **tiny_train)
+    result = example.main(example.Args(train=config, final_eval_sessions=2))
+    out = capsys.readouterr().out
+    assert "| Hit@1 vs oracle user |" in out and "| user alignment F1 |" in out
+    for phase in ("before", "after"):
+        assert result[phase]["eval/sessions"] == 2.0
+        assert 0.0 <= result[phase]["eval/oracle/hit@1"] <= 1.0
+    logged = pd.read_json(tmp_path / "run" / "metrics.jsonl", lines=True)
+    assert logged["step"].tolist() == [1, 2]
+
+
+def test_compare_training_tabulates_seeds_resumes_and_plots(tmp_path, tiny_train):
+    example = load_example("compare_training")
+    train = CoARSConfig(total_steps=1, eval_every=1, **tiny_train)
+    args = example.Args(
+        methods=("untrained", "coars"),
+        seeds=(0, 1),
+        out_dir=str(tmp_path / "cmp"),
+        final_sessions=3,
+        final_alignment_users=1,
+        train=train,
+    )
+    frame = example.main(args)
+    assert sorted(zip(frame["method"], frame["seed"])) == [
+        ("coars", 0),
+        ("coars", 1),
+        ("untrained", 0),
+        ("untrained", 1),
+    ]
+    assert dict(zip(frame["method"], frame["steps"])) == {"untrained": 0, "coars": 1}
+    assert (frame["eval/sessions"] == 3).all()
+    summary = pd.read_csv(tmp_path / "cmp" / "summary.csv")
+    coars = summary[summary["method"] == "coars"].iloc[0]
+    hits = frame[frame["method"] == "coars"]["eval/oracle/hit@1"]
+    assert coars["seeds"] == 2 and math.isclose(coars["Hit@1"], hits.mean())
+    assert (
+        "| RecDialog-synthetic | coars | 2 | 1 | 3 |"
+        in (tmp_path / "cmp" / "summary.md").read_text()
+    )
+    assert (tmp_path / "cmp" / "learning_curves_synthetic.png").stat().st_size > 0
+
+    # Finished jobs are not run again, and --report-only rebuilds the same table.
+    log = tmp_path / "cmp" / "synthetic" / "coars" / "seed0" / "metrics.jsonl"
+    lines = log.read_text()
+    again = example.main(args)
+    assert log.read_text() == lines
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), frame.reset_index(drop=True))
+    report = example.main(example.Args(**{**vars(args), "report_only": True}))
+    assert len(report) == 4
+
+
+def test_t_interval_is_the_student_t_interval_over_seeds():
+    example = load_example("compare_training")
+    mean, low, high = example.t_interval(np.array([0.1, 0.3]))
+    half = 12.706 * np.std([0.1, 0.3], ddof=1) / math.sqrt(2)
+    assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert example.t_interval(np.array([0.4]))[0] == 0.4
+    assert math.isnan(example.t_interval(np.array([0.4]))[1])
+
+
+def test_learning_curves_read_logs_skip_torn_lines_and_plot(tmp_path):
+    runs = {}
+    for seed, offset in ((0, 0.0), (1, 0.2)):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        rows = [{"step": s, "rollout/hit@1": offset + 0.1 * s} for s in (1, 2, 3)]
+        rows[2]["eval/oracle/hit@1"] = 0.5
+        text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "rollout/hi'
+        (folder / "metrics.jsonl").write_text(text)
+        runs.setdefault("coars", []).append(folder)
+    logs = read_training_logs(runs)
+    assert len(logs) == 6 and set(logs["label"]) == {"coars"}
+    png = plot_learning_curves(runs, tmp_path / "curves.png")
+    assert png.stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        read_training_logs({"x": [tmp_path / "nowhere"]})
+    with pytest.raises(ValueError, match="none of"):
+        plot_learning_curves(runs, tmp_path / "none.png", metrics=[("user/loss", "loss")])
