@@ -51,6 +51,28 @@ def test_train_coevolve_prints_a_before_after_table(tmp_path, tiny_train, capsys
     logged = pd.read_json(tmp_path / "run" / "metrics.jsonl", lines=True)
     assert logged["step"].tolist() == [1, 2]
 
+    # coars-eval on the run folder: both trained agents, plus the run's learning curves.
+    from coars_agents.evaluate import EvalArgs, run
+
+    evaluated = run(
+        EvalArgs(
+            env="RecDialog-synthetic",
+            recommender=str(tmp_path / "run"),
+            user=str(tmp_path / "run"),
+            model="tiny",
+            n_sessions=2,
+            batch_size=2,
+            n_alignment_users=1,
+            max_turns=1,
+            reason_tokens=2,
+            out=str(tmp_path / "eval"),
+            data_options=json.dumps(tiny_train["data_overrides"]),
+            progress=False,
+        )
+    )
+    assert evaluated["hit@1"].n == 2
+    assert (tmp_path / "eval" / "learning_curves.png").stat().st_size > 0
+
 
 def test_compare_training_tabulates_seeds_resumes_and_plots(tmp_path, tiny_train):
     example = load_example("compare_training")
