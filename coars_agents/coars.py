@@ -110,6 +110,9 @@ class CoARSConfig:
     """Token budget of each rationale (constrained decoding)."""
     constrained: bool = True
     """Decode through the answer templates, so every answer parses (small models need it)."""
+    exclude_recommended: bool = False
+    """Constrained decoding never offers the recommender a candidate it already recommended in
+    the session (off: avoiding repeats, which the env penalises, is left to the agent)."""
     max_new_tokens: int = 48
     """Upper bound on generated tokens per answer."""
 
@@ -322,6 +325,7 @@ class CoARSTrainer:
                 sampling=sampling,
                 constrained=self.config.constrained,
                 reason_tokens=self.config.reason_tokens,
+                exclude_recommended=self.config.exclude_recommended and role == RECOMMENDER,
             )
             for role in AGENTS
         }

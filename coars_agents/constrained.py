@@ -41,7 +41,7 @@ checked, and fails for SentencePiece tokenizers that prepend a space to standalo
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -170,13 +170,17 @@ def recommender_template(
     *,
     fmt: str = DEFAULT_RECOMMENDER_FORMAT,
     reason_stop: str | None = "\n",
+    exclude: Collection[int] = (),
 ) -> Template:
     """``"Item: " Choice("1".."n") "\\nReason: " Free(reason_tokens)``.
 
     ``fmt`` must have the fields ``{item}`` and ``{reason}``; fields: ``item`` (the 1-based
-    candidate number as a string) and ``reason``.
+    candidate number as a string) and ``reason``. ``exclude``: 1-based numbers not offered
+    (e.g. the candidates already recommended in the session); at least one must remain.
     """
-    items = [str(i) for i in range(1, n_candidates + 1)]
+    items = [str(i) for i in range(1, n_candidates + 1) if i not in set(exclude)]
+    if not items:
+        raise ValueError(f"exclude={sorted(exclude)} leaves no candidate of {n_candidates}")
     return Template.from_format(
         fmt, item=Choice(items), reason=Free(reason_tokens, stop=reason_stop)
     )

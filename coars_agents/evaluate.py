@@ -219,6 +219,7 @@ def load_adapter_agent(
     constrained: bool = True,
     reason_tokens: int = 24,
     adapter_name: str | None = None,
+    exclude_recommended: bool = False,
 ) -> LLMAgent:
     """An :class:`LLMAgent` acting with the adapter saved at ``path`` (see
     :func:`resolve_adapter_dir`), loaded into ``policy`` as ``adapter_name``
@@ -235,6 +236,7 @@ def load_adapter_agent(
         sampling=sampling or SamplingConfig(greedy=True, max_new_tokens=reason_tokens + 24),
         constrained=constrained,
         reason_tokens=reason_tokens,
+        exclude_recommended=exclude_recommended and role == RECOMMENDER,
     )
 
 
@@ -968,6 +970,8 @@ class EvalArgs:
     """Token budget of each rationale (constrained decoding)."""
     constrained: bool = True
     """Decode LLM answers through the answer templates (every answer parses)."""
+    exclude_recommended: bool = False
+    """Never offer an LLM recommender a candidate it already recommended in the session."""
     out: str = "runs/eval"
     """Output folder (tables, plots, trajectories)."""
     name: str | None = None
@@ -1043,9 +1047,10 @@ def build_run(args: EvalArgs) -> tuple[AgentSpec, AgentSpec, dict[str, Any], str
             scripted = SCRIPTED_RECOMMENDERS if role == RECOMMENDER else SCRIPTED_USERS
             if spec in scripted:
                 return spec
+            exclude = args.exclude_recommended and role == RECOMMENDER
             if spec == "llm":
-                return LLMAgent(policy, role, **llm_kw)
-            return load_adapter_agent(policy, role, spec, **llm_kw)
+                return LLMAgent(policy, role, **llm_kw, exclude_recommended=exclude)
+            return load_adapter_agent(policy, role, spec, **llm_kw, exclude_recommended=exclude)
 
         recommender, user = agent(args.recommender, RECOMMENDER), agent(args.user, USER)
     env_overrides.update(json.loads(args.env_options) if args.env_options else {})

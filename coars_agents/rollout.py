@@ -17,7 +17,7 @@ group are identical by construction (the candidate order is fixed by the session
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,10 @@ class LLMAgent:
         constrained: decode through the answer-format template so the answer always parses
             (essential for small models); ``False`` generates free text.
         reason_tokens: token budget of the rationale in constrained mode.
+        exclude_recommended: recommender, constrained mode: never offer a candidate already
+            recommended in this session (the env scores a repeat as a miss with the format
+            penalty; untrained small models repeat their first pick after a miss). Off by
+            default, so that avoiding repeats is left to the agent, as METHOD.md states.
     """
 
     policy: LLMPolicy
@@ -52,31 +56,47 @@ class LLMAgent:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     constrained: bool = True
     reason_tokens: int = 24
+    exclude_recommended: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in (RECOMMENDER, USER):
             raise ValueError(f"role must be {RECOMMENDER!r} or {USER!r}, got {self.role!r}")
-        self._templates: dict[int, Template] = {}
+        self._templates: dict[tuple[int, frozenset[int]], Template] = {}
 
-    def template(self, n_candidates: int) -> Template | None:
-        """The answer-format template (None when unconstrained), cached per candidate count."""
+    def template(self, n_candidates: int, exclude: Collection[int] = ()) -> Template | None:
+        """The answer-format template (None when unconstrained), cached per candidate count
+        and excluded candidates (1-based; only with ``exclude_recommended``)."""
         if not self.constrained:
             return None
-        if n_candidates not in self._templates:
-            self._templates[n_candidates] = (
-                recommender_template(n_candidates, self.reason_tokens)
+        excluded = frozenset(exclude) if self.exclude_recommended else frozenset()
+        key = (n_candidates, excluded)
+        if key not in self._templates:
+            self._templates[key] = (
+                recommender_template(n_candidates, self.reason_tokens, exclude=excluded)
                 if self.role == RECOMMENDER
                 else user_template(self.reason_tokens)
             )
-        return self._templates[n_candidates]
+        return self._templates[key]
 
     def act(
-        self, batch: Sequence[Messages], *, seed: int, n_candidates: int = 20
+        self,
+        batch: Sequence[Messages],
+        *,
+        seed: int,
+        n_candidates: int = 20,
+        recommended: Sequence[Collection[int]] | None = None,
     ) -> list[Generation]:
-        """One batched generation; row ``i`` samples with a stream seeded by ``(seed, i)``."""
+        """One batched generation; row ``i`` samples with a stream seeded by ``(seed, i)``.
+
+        ``recommended``: per row, the 1-based candidates already recommended in its session
+        (used by ``exclude_recommended``)."""
         sampling = SamplingConfig(**{**self.sampling.__dict__, "seed": seed})
+        if recommended is not None and self.exclude_recommended:
+            constraint = [self.template(n_candidates, r) for r in recommended]
+        else:
+            constraint = self.template(n_candidates)
         return self.policy.generate(
-            batch, adapter=self.adapter, sampling=sampling, constraint=self.template(n_candidates)
+            batch, adapter=self.adapter, sampling=sampling, constraint=constraint
         )
 
 
@@ -183,7 +203,16 @@ def rollout(
             budget = agent.sampling.max_new_tokens
             batch = [fit_prompt(venv.envs[i], agent.policy, budget) for i in slots]
             n_candidates = len(episodes[slots[0]].candidates)
-            generations = agent.act(batch, seed=seed * 1000 + phase, n_candidates=n_candidates)
+            recommended = [
+                {r["rec_position"] + 1 for r in episodes[i].turns if r["rec_position"] >= 0}
+                for i in slots
+            ]
+            generations = agent.act(
+                batch,
+                seed=seed * 1000 + phase,
+                n_candidates=n_candidates,
+                recommended=recommended,
+            )
             for i, messages, gen in zip(slots, batch, generations):
                 replies[i] = gen.text
                 turn = AgentTurn(

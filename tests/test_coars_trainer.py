@@ -284,3 +284,9 @@ def test_a_nan_log_prob_skips_the_chunk_and_leaves_the_adapter_finite(tmp_path):
     assert not any(".recommender." in n for n in moved)  # the only chunk was skipped
     assert any(".user." in n for n in moved)
     assert all(torch.isfinite(p).all() for p in trainer.policy.model.parameters())
+
+
+def test_exclude_recommended_reaches_the_recommender_only(tmp_path):
+    trainer = make_trainer(tmp_path, exclude_recommended=True)
+    agents = trainer.agents(greedy=True)
+    assert agents[RECOMMENDER].exclude_recommended and not agents[USER].exclude_recommended

@@ -165,3 +165,13 @@ def test_invalid_tokens_and_options_raise(vocab):
         TemplateState(Template((Choice(["7", "7"], "a"),)), vocab)
     with pytest.raises(ValueError):
         TemplateState(Template((Choice([], "a"),)), vocab)
+
+
+def test_recommender_template_can_exclude_candidates():
+    from coars_agents.constrained import Choice, recommender_template
+
+    template = recommender_template(5, 4, exclude={2, 4})
+    choices = [seg for seg in template.segments if isinstance(seg, Choice)]
+    assert [list(c.options) for c in choices] == [["1", "3", "5"]]
+    with pytest.raises(ValueError, match="leaves no candidate"):
+        recommender_template(2, 4, exclude={1, 2})

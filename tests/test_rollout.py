@@ -189,3 +189,33 @@ def test_same_seed_same_episodes_when_sampling(policy, data):
         for ta, tb in zip(a.recommender + a.user_agent, b.recommender + b.user_agent):
             assert torch.equal(ta.logprobs, tb.logprobs)
     assert [generations(e) for e in first] != [generations(e) for e in other]
+
+
+def test_exclude_recommended_never_repeats_a_candidate(policy, data):
+    """Against the oracle user (who clicks only the target) a greedy tiny recommender plays
+    all 5 turns of most sessions; with exclude_recommended it never names a candidate twice,
+    and it is the same agent otherwise (identical first turns)."""
+    sessions = tuple(range(5))
+
+    def five_turns(exclude: bool) -> list[Episode]:
+        agent = LLMAgent(
+            policy,
+            RECOMMENDER,
+            sampling=GREEDY,
+            reason_tokens=REASON_TOKENS,
+            exclude_recommended=exclude,
+        )
+        venv = VectorRecDialogEnv(data, num_envs=len(sessions), **{**ENV, "max_turns": 5})
+        agents = {RECOMMENDER: agent, USER: OracleUser(data)}
+        return rollout(venv, agents, seed=0, options=[{"session_id": s} for s in sessions])
+
+    plain, excluding = five_turns(False), five_turns(True)
+    repeats = lambda eps: sum(r["repeat"] for ep in eps for r in ep.turns)  # noqa: E731
+    assert repeats(plain) > 0, "fixture: the plain greedy agent should repeat itself"
+    assert repeats(excluding) == 0
+    for ep in excluding:
+        positions = [r["rec_position"] for r in ep.turns]
+        assert len(set(positions)) == len(positions)
+    assert [ep.turns[0]["rec_position"] for ep in plain] == [
+        ep.turns[0]["rec_position"] for ep in excluding
+    ]
