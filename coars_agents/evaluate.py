@@ -4,6 +4,7 @@
 and a user, each of which is
 
 - a scripted built-in, by name: recommenders ``"random"`` (never repeats), ``"popularity"``,
+  ``"genre"`` (content: the candidate whose genres the history shares most),
   ``"sasrec"`` (SASRec's top-1 first, then history similarity) and ``"oracle"`` (privileged:
   recommends the target, an upper bound for sanity checks); user ``"oracle"`` (clicks the
   target and only the target: a clean Hit@1);
@@ -64,6 +65,7 @@ from tqdm.auto import tqdm
 
 from coars_agents.rollout import Agent, Episode, LLMAgent, rollout
 from coars_env.agents import (
+    GenreRecommender,
     OracleUser,
     PopularityRecommender,
     RandomRecommender,
@@ -109,7 +111,7 @@ __all__ = [
 AgentSpec = str | Agent
 """A built-in name, an :class:`LLMAgent` or a scripted callable."""
 
-SCRIPTED_RECOMMENDERS = ("random", "popularity", "sasrec", "oracle")
+SCRIPTED_RECOMMENDERS = ("random", "popularity", "genre", "sasrec", "oracle")
 SCRIPTED_USERS = ("oracle",)
 RANK_KS = (5, 10)
 NAN = Estimate(math.nan, math.nan, math.nan, 0)
@@ -169,6 +171,7 @@ def make_scripted(name: str, role: str, data: DialogData, seed: int = 0) -> Agen
         makers: dict[str, Callable[[], Agent]] = {
             "random": lambda: RandomRecommender(seed),
             "popularity": lambda: PopularityRecommender(data),
+            "genre": lambda: GenreRecommender(data),
             "sasrec": lambda: SASRecRecommender(data),
             "oracle": lambda: TargetRecommender(data),
         }
@@ -937,7 +940,7 @@ class EvalArgs:
     split: str = "test"
     """``test`` or ``valid``."""
     recommender: str = "sasrec"
-    """random | popularity | sasrec | oracle | llm (the base model) | an adapter / CoARS
+    """random | popularity | genre | sasrec | oracle | llm (the base model) | an adapter / CoARS
     checkpoint / run folder (see ``resolve_adapter_dir``)."""
     user: str = "oracle"
     """oracle | llm | an adapter / CoARS checkpoint / run folder. A run folder's training log

@@ -39,6 +39,7 @@ from coars_env.dialog.rewards import CLICK, DISLIKE, SKIP, STAR
 __all__ = [
     "CLICK",
     "DISLIKE",
+    "GenreRecommender",
     "SCORE_INTERVALS",
     "SKIP",
     "STAR",
@@ -145,6 +146,45 @@ class PopularityRecommender:
         candidates = np.asarray(obs["candidates"], dtype=np.int64)
         scores = self.popularity[candidates[open_]]
         return int(open_[int(np.argmax(scores))])
+
+
+class GenreRecommender:
+    """Content baseline: the open candidate whose genres the visible history shares most.
+
+    A candidate's score is the sum, over its genres (``items["genres"]``, "|"-separated), of
+    the share of visible history items that carry that genre; the highest open candidate
+    wins, ties going to the earlier position (candidates are shuffled per session, so that
+    is a seeded random tie-break). Never repeats while a candidate is left. Deterministic.
+    On the synthetic dataset this is the "learnable signal" of its docstring made explicit:
+    what a recommender that only matched genres would reach.
+    """
+
+    def __init__(self, data: DialogData) -> None:
+        column = data.items["genres"] if "genres" in data.items else None
+        self.genres = [
+            frozenset(g for g in str(v).split("|") if g) if isinstance(v, str) else frozenset()
+            for v in (column if column is not None else [None] * len(data.items))
+        ]
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode (deterministic: nothing to reset)."""
+
+    def scores(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Each candidate's genre score against ``history`` (item ids)."""
+        counts: dict[str, int] = {}
+        for item in history.tolist():
+            for genre in self.genres[item]:
+                counts[genre] = counts.get(genre, 0) + 1
+        n = max(1, len(history))
+        return np.array(
+            [sum(counts.get(g, 0) for g in self.genres[c]) / n for c in candidates.tolist()]
+        )
+
+    def __call__(self, obs: Observation) -> int:
+        candidates = np.asarray(obs["candidates"], dtype=np.int64)
+        open_ = _open_positions(obs)
+        scores = self.scores(_visible_history(obs), candidates[open_])
+        return int(open_[int(np.argmax(scores))])  # argmax: first of the ties
 
 
 class SASRecRecommender:

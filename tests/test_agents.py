@@ -178,3 +178,21 @@ def test_oracle_user_with_the_env_target():
     user = OracleUser(data, target_lookup=lambda obs: env.session.target)
     records = play_episode(env, PopularityRecommender(data), user, seed=3)
     assert all((r["action"] == CLICK) == r["hit"] for r in records)
+
+
+def test_genre_recommender_picks_the_history_genre_and_never_repeats():
+    from coars_env.agents import GenreRecommender
+
+    data = tiny_dialog_data()  # item i has genre GENRES[i % 4]: Drama, Comedy, Action, Horror
+    agent = GenreRecommender(data)
+    obs = {"history": [2, 6, 10, 1, -1], "candidates": [0, 5, 14, 18], "recommended": [-1, -1]}
+    # History: 3 Action, 1 Comedy -> scores Drama 0, Comedy 0.25, Action 0.75, Action 0.75.
+    assert agent.scores(np.array([2, 6, 10, 1]), np.array([0, 5, 14, 18])).tolist() == [
+        0.0,
+        0.25,
+        0.75,
+        0.75,
+    ]
+    assert agent(obs) == 2  # the first of the tied Action candidates
+    assert agent({**obs, "recommended": [2, -1]}) == 3
+    assert agent({**obs, "recommended": [2, 3]}) == 1  # then Comedy over Drama
