@@ -230,6 +230,18 @@ def load_policy(config: CoARSConfig, device: torch.device) -> LLMPolicy:
     return LLMPolicy.from_pretrained(config.model, device=device)
 
 
+def load_run_data(config: CoARSConfig, split: str) -> DialogData:
+    """One split of ``config.env_id``, prepared with ``data_seed`` and the candidate mode."""
+    from coars_env import load_dialog_data
+
+    kwargs = dict(seed=config.data_seed, data_dir=config.data_dir, **config.data_overrides)
+    mode = config.candidate_mode
+    if mode == "default":
+        mode = "random" if "synthetic" in config.env_id else "sasrec"
+    kwargs.setdefault("candidate_mode", mode)
+    return load_dialog_data(config.env_id, split=split, **kwargs)
+
+
 class CoARSTrainer:
     """Trains a recommender adapter and a user adapter on one shared frozen base.
 
@@ -297,16 +309,8 @@ class CoARSTrainer:
         self.history: list[dict] = []
 
     def load_data(self, split: str) -> DialogData:
-        """One split of ``config.env_id``, prepared with ``data_seed`` and the candidate mode."""
-        from coars_env import load_dialog_data
-
-        cfg = self.config
-        kwargs = dict(seed=cfg.data_seed, data_dir=cfg.data_dir, **cfg.data_overrides)
-        mode = cfg.candidate_mode
-        if mode == "default":
-            mode = "random" if "synthetic" in cfg.env_id else "sasrec"
-        kwargs.setdefault("candidate_mode", mode)
-        return load_dialog_data(cfg.env_id, split=split, **kwargs)
+        """One split of ``config.env_id`` (:func:`load_run_data`)."""
+        return load_run_data(self.config, split)
 
     # ------------------------------------------------------------------ agents
 
@@ -582,12 +586,14 @@ class CoARSTrainer:
         *,
         use_adapters: bool = True,
         data: DialogData | None = None,
+        subset_seed: int | None = None,
     ) -> dict[str, float]:
         """Greedy dialogues on held-out sessions through :func:`coars_agents.evaluate.evaluate`:
         the recommender against the oracle user (a clean Hit@1: it clicks only the target)
         and against the LLM user agent (wrong clicks, format failures), plus the user agent's
         alignment F1 on ``eval_alignment_users`` users of the split. ``data``: another
-        held-out split than ``eval_data`` (e.g. the test split after training)."""
+        held-out split than ``eval_data`` (e.g. the test split after training);
+        ``subset_seed``: which sessions (default: the run's seed)."""
         from coars_agents.evaluate import evaluate
 
         cfg = self.config
@@ -599,7 +605,7 @@ class CoARSTrainer:
             seeds=(cfg.seed,),
             batch_size=cfg.eval_batch_size,
             env_overrides=self.env_kwargs,
-            subset_seed=cfg.seed,
+            subset_seed=cfg.seed if subset_seed is None else subset_seed,
             progress=False,
         )
         vs_oracle = evaluate(data, agents[RECOMMENDER], "oracle", alignment=False, **common)

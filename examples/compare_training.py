@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 import tyro
 
-from coars_agents.coars import CoARSConfig, CoARSTrainer
-from coars_agents.evaluate import plot_learning_curves
+from coars_agents.coars import CoARSConfig, CoARSTrainer, load_run_data
+from coars_agents.evaluate import evaluate, plot_learning_curves
 
 Method = Literal["untrained", "outcome", "coars"]
 
@@ -81,6 +81,9 @@ class Args:
     """Users whose alignment sets the final evaluation judges (user F1)."""
     workers: int = 1
     """Jobs run in parallel processes (on one GPU too: small models leave it mostly idle)."""
+    references: tuple[str, ...] = ("random", "genre")
+    """Scripted recommenders evaluated against the oracle user on the same held-out sessions,
+    as reference rows (``coars_agents.evaluate.SCRIPTED_RECOMMENDERS``; none: pass nothing)."""
     report_only: bool = False
     """Run nothing: tabulate the finished jobs found in ``out_dir`` and plot their curves."""
     deadline_minutes: float = 0.0
@@ -121,7 +124,9 @@ def run_job(args: Args, env_id: str, method: Method, seed: int, threads: int) ->
     trainer.train()
     trained = time.perf_counter()
     trainer.config = dataclasses.replace(config, eval_alignment_users=args.final_alignment_users)
-    final = trainer.evaluate(args.final_sessions, data=trainer.load_data(args.final_split))
+    # The same held-out sessions for every method and seed (paired comparisons).
+    held_out = trainer.load_data(args.final_split)
+    final = trainer.evaluate(args.final_sessions, data=held_out, subset_seed=0)
     result = {
         "env_id": env_id,
         "method": method,
@@ -217,6 +222,7 @@ def main(args: Args) -> pd.DataFrame:
             futures = {job: pool.submit(_guarded_job, args, *job, threads, start) for job in jobs}
             for job, future in futures.items():
                 finished(job, future.result())
+    results += [reference_result(args, e, name) for e in args.env_ids for name in args.references]
     summary = write_tables(out, results)
     print(to_markdown(summary))
     for env_id in args.env_ids:
@@ -230,6 +236,23 @@ def main(args: Args) -> pd.DataFrame:
             png = plot_learning_curves(runs, out / f"learning_curves_{_slug(env_id)}.png")
             print(f"wrote {png}")
     return pd.DataFrame(results)
+
+
+def reference_result(args: Args, env_id: str, name: str) -> dict:
+    """A scripted recommender against the oracle user on the final sessions (as a row)."""
+    config = dataclasses.replace(args.train, env_id=env_id)
+    data = load_run_data(config, args.final_split)
+    env = dict(max_turns=config.max_turns, max_history_items=config.history_items)
+    n = min(args.final_sessions, len(data.sessions))
+    # subset_seed=0: the very sessions of the jobs' final evaluations.
+    result = evaluate(
+        data, name, "oracle", n_sessions=n, env_overrides=env, subset_seed=0, progress=False
+    )
+    row = {"env_id": env_id, "method": f"ref:{name}", "seed": 0, "steps": 0}
+    row |= {"train_seconds": 0.0, "eval_seconds": result.config["seconds"], "eval/sessions": n}
+    for metric in ("hit@1", "turn1_hit@1", "rec_format_failure_rate"):
+        row[f"eval/oracle/{metric}"] = float(result[metric].mean)
+    return row
 
 
 def write_tables(out: Path, results: list[dict]) -> pd.DataFrame:

@@ -83,9 +83,13 @@ def test_compare_training_tabulates_seeds_resumes_and_plots(tmp_path, tiny_train
         out_dir=str(tmp_path / "cmp"),
         final_sessions=3,
         final_alignment_users=1,
+        references=("genre",),
         train=train,
     )
-    frame = example.main(args)
+    everything = example.main(args)
+    reference = everything[everything["method"] == "ref:genre"]
+    assert len(reference) == 1 and reference["eval/sessions"].item() == 3
+    frame = everything[everything["method"] != "ref:genre"]
     assert sorted(zip(frame["method"], frame["seed"])) == [
         ("coars", 0),
         ("coars", 1),
@@ -95,6 +99,7 @@ def test_compare_training_tabulates_seeds_resumes_and_plots(tmp_path, tiny_train
     assert dict(zip(frame["method"], frame["steps"])) == {"untrained": 0, "coars": 1}
     assert (frame["eval/sessions"] == 3).all()
     summary = pd.read_csv(tmp_path / "cmp" / "summary.csv")
+    assert set(summary["method"]) == {"untrained", "coars", "ref:genre"}
     coars = summary[summary["method"] == "coars"].iloc[0]
     hits = frame[frame["method"] == "coars"]["eval/oracle/hit@1"]
     assert coars["seeds"] == 2 and math.isclose(coars["Hit@1"], hits.mean())
@@ -109,9 +114,16 @@ def test_compare_training_tabulates_seeds_resumes_and_plots(tmp_path, tiny_train
     lines = log.read_text()
     again = example.main(args)
     assert log.read_text() == lines
-    pd.testing.assert_frame_equal(again.reset_index(drop=True), frame.reset_index(drop=True))
+    timing = ["eval_seconds"]  # references are re-evaluated (in milliseconds) on each call
+    pd.testing.assert_frame_equal(
+        again.drop(columns=timing).reset_index(drop=True),
+        everything.drop(columns=timing).reset_index(drop=True),
+    )
     report = example.main(example.Args(**{**vars(args), "report_only": True}))
-    assert len(report) == 4
+    assert len(report) == 5
+    # Every job and the reference saw the same held-out sessions: the untrained seeds agree.
+    untrained = frame[frame["method"] == "untrained"]["eval/oracle/hit@1"]
+    assert untrained.nunique() == 1
 
 
 def test_t_interval_is_the_student_t_interval_over_seeds():
