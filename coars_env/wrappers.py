@@ -57,6 +57,7 @@ import numpy as np
 from gymnasium import spaces
 
 from coars_env.agents import (
+    GenreRecommender,
     OracleUser,
     PopularityRecommender,
     RandomRecommender,
@@ -285,7 +286,7 @@ class UserEnv(_DialogView):
 
     Args:
         data / env / numeric / logger / render_mode: as for ``RecommenderEnv``.
-        recommender: ``"sasrec"``, ``"popularity"``, ``"random"`` (seeded by ``reset``'s
+        recommender: ``"sasrec"``, ``"popularity"``, ``"genre"``, ``"random"`` (seeded by ``reset``'s
             seed) or a policy callable on the recommender's observation.
         action_scores: numeric view only: the score played with each action code.
 
@@ -325,12 +326,14 @@ class UserEnv(_DialogView):
             )
         elif recommender == "popularity":
             recommender = PopularityRecommender(self.data)
+        elif recommender == "genre":
+            recommender = GenreRecommender(self.data)
         elif recommender == "random":
             recommender = RandomRecommender(seed=None)
         elif not callable(recommender):
             raise ValueError(
-                "recommender must be 'sasrec', 'popularity', 'random' or a callable policy, "
-                f"got {recommender!r}"
+                "recommender must be 'sasrec', 'popularity', 'genre', 'random' or a callable "
+                f"policy, got {recommender!r}"
             )
         self.recommender = recommender
         if len(action_scores) != N_ACTIONS:

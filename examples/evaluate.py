@@ -33,7 +33,7 @@ def main() -> None:
     data = coars_env.load_dialog_data(env_id, "test")
     results = [
         evaluate(data, rec, "oracle", n_sessions=200, seeds=(0, 1), log_dir=OUT / rec)
-        for rec in ("random", "popularity", "sasrec")
+        for rec in ("random", "popularity", "genre", "sasrec")
     ]
     if "--llm" in sys.argv:
         policy = LLMPolicy.from_pretrained("smollm2")

@@ -11,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from tinydata import tiny_dialog_data
 
-from coars_env.agents import CLICK, DISLIKE, STAR
+from coars_env.agents import CLICK, DISLIKE, STAR, GenreRecommender
 from coars_env.dialog.env import RecDialogEnv
 from coars_env.dialog.parsing import format_recommender, format_user
 from coars_env.logs import TrajectoryLogger, read_trajectories
@@ -227,3 +227,15 @@ def test_gymnasium_make_synthetic(tmp_path_factory):
             _, _, _, _, info = env.step(env.action_space.sample())
             assert "turn_record" in info
             env.close()
+
+
+def test_user_env_with_the_genre_recommender_and_a_bad_name():
+    data = tiny_dialog_data()
+    env = UserEnv(data, numeric=True, recommender="genre")
+    env.reset(seed=0, options={"session_id": 0})
+    _, _, _, _, info = env.step(STAR)
+    session = data.sessions[0]
+    scores = GenreRecommender(data).scores(np.array(session.history), np.array(session.candidates))
+    assert info["turn_record"]["rec_position"] == int(np.argmax(scores))
+    with pytest.raises(ValueError, match="'genre'"):
+        UserEnv(data, recommender="content")
