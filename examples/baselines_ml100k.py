@@ -3,6 +3,7 @@
 Systems, all on the same seeded random subset of test sessions:
 
 - ``random`` recommender vs the oracle user (clicks only the target), T = 5;
+- ``genre`` (content: the candidate whose genres the history shares most) vs the oracle user;
 - ``SASRec`` (scripted: top-1 first, then history similarity) vs the oracle user, T = 5;
   its turn-1 Hit@1 is the single-shot SASRec top-1;
 - ``zero-shot``: the LLM recommends once (T = 1); the same LLM with the plain user prompt is
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="LLM dtype (float32, bfloat16)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--reason-tokens", type=int, default=24)
-    parser.add_argument("--systems", default="random,sasrec,zero-shot,afl,afl-oracle")
+    parser.add_argument("--systems", default="random,genre,sasrec,zero-shot,afl,afl-oracle")
     parser.add_argument("--out", default="docs/results", help="where the .md and .csv go")
     parser.add_argument("--runs", default="runs/baselines_ml100k", help="per-system outputs")
     parser.add_argument("--data-pickle", default=None, help="a pickled DialogData to use")
@@ -113,6 +114,8 @@ def main() -> None:
         t = time.perf_counter()
         if system == "random":
             r = evaluate(data, "random", "oracle", name="random", log_dir=runs / system, **common)
+        elif system == "genre":
+            r = evaluate(data, "genre", "oracle", name="genre", log_dir=runs / system, **common)
         elif system == "sasrec":
             r = evaluate(data, "sasrec", "oracle", name="SASRec", log_dir=runs / system, **common)
         elif system == "zero-shot":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,3 +154,31 @@ def test_learning_curves_read_logs_skip_torn_lines_and_plot(tmp_path):
         read_training_logs({"x": [tmp_path / "nowhere"]})
     with pytest.raises(ValueError, match="none of"):
         plot_learning_curves(runs, tmp_path / "none.png", metrics=[("user/loss", "loss")])
+
+
+def test_baselines_script_runs_every_system_at_tiny_scale(tmp_path, tiny_train):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "baselines_ml100k.py"
+    data_options = {**tiny_train["data_overrides"], "cache_dir": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable,
+        str(script),
+        "--env", "RecDialog-synthetic",
+        "--systems", "random,genre,sasrec,zero-shot,afl",
+        "--model", "tiny",
+        "--n-sessions", "3",
+        "--n-alignment-users", "1",
+        "--batch-size", "3",
+        "--reason-tokens", "2",
+        "--env-options", json.dumps({"max_turns": 2}),
+        "--data-options", json.dumps(data_options),
+        "--out", str(tmp_path / "out"),
+        "--runs", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(next((tmp_path / "out").glob("*.csv")))
+    hits = table[table["metric"] == "hit@1"].set_index("system")["n"]
+    assert len(hits) == 5 and (hits == 3).all()
