@@ -267,8 +267,8 @@ class CoARSTrainer:
             project_dir=str(self.output_dir),
         )
         set_seed(config.seed)
-        self.train_data = train_data or self.load_data("train")
-        self.eval_data = eval_data or self.load_data(config.eval_split)
+        self.train_data = train_data or load_run_data(config, "train")
+        self.eval_data = eval_data or load_run_data(config, config.eval_split)
         self.policy = policy or load_policy(config, self.accelerator.device)
         lora = LoraSettings(
             r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets
@@ -307,10 +307,6 @@ class CoARSTrainer:
         # Hindsight memory: the last trajectory's turn records per training session.
         self.memory: dict[int, list[dict]] = {}
         self.history: list[dict] = []
-
-    def load_data(self, split: str) -> DialogData:
-        """One split of ``config.env_id`` (:func:`load_run_data`)."""
-        return load_run_data(self.config, split)
 
     # ------------------------------------------------------------------ agents
 
@@ -508,9 +504,8 @@ class CoARSTrainer:
             params = self.policy.trainable_parameters(agent)
             self._all_reduce_gradients(params)
             if any(p.grad is not None for p in params):
-                grads_finite = all(
-                    torch.isfinite(p.grad).all() for p in params if p.grad is not None
-                )
+                grads = [p.grad for p in params if p.grad is not None]
+                grads_finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
                 if not grads_finite:  # same decision on every process: grads were all-reduced
                     stats["skipped_steps"] += 1
                     _warn_nonfinite(agent, self.step)
@@ -587,17 +582,20 @@ class CoARSTrainer:
         use_adapters: bool = True,
         data: DialogData | None = None,
         subset_seed: int | None = None,
+        alignment_users: int | None = None,
     ) -> dict[str, float]:
         """Greedy dialogues on held-out sessions through :func:`coars_agents.evaluate.evaluate`:
         the recommender against the oracle user (a clean Hit@1: it clicks only the target)
         and against the LLM user agent (wrong clicks, format failures), plus the user agent's
         alignment F1 on ``eval_alignment_users`` users of the split. ``data``: another
         held-out split than ``eval_data`` (e.g. the test split after training);
-        ``subset_seed``: which sessions (default: the run's seed)."""
+        ``subset_seed``: which sessions (default: the run's seed); ``alignment_users``:
+        overrides ``eval_alignment_users``."""
         from coars_agents.evaluate import evaluate
 
         cfg = self.config
         data = data or self.eval_data
+        n_users = cfg.eval_alignment_users if alignment_users is None else alignment_users
         n = min(n_sessions or cfg.eval_sessions, len(data.sessions))
         agents = self.agents(greedy=True, use_adapters=use_adapters)
         common = dict(
@@ -613,8 +611,8 @@ class CoARSTrainer:
             data,
             agents[RECOMMENDER],
             agents[USER],
-            alignment=cfg.eval_alignment_users > 0,
-            n_alignment_users=cfg.eval_alignment_users,
+            alignment=n_users > 0,
+            n_alignment_users=n_users,
             **common,
         )
         out: dict[str, float] = {"eval/sessions": float(n)}

@@ -203,10 +203,12 @@ def rollout(
             budget = agent.sampling.max_new_tokens
             batch = [fit_prompt(venv.envs[i], agent.policy, budget) for i in slots]
             n_candidates = len(episodes[slots[0]].candidates)
-            recommended = [
-                {r["rec_position"] + 1 for r in episodes[i].turns if r["rec_position"] >= 0}
-                for i in slots
-            ]
+            recommended = None
+            if agent.exclude_recommended:
+                recommended = [
+                    {r["rec_position"] + 1 for r in episodes[i].turns if r["rec_position"] >= 0}
+                    for i in slots
+                ]
             generations = agent.act(
                 batch,
                 seed=seed * 1000 + phase,

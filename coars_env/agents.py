@@ -160,10 +160,10 @@ class GenreRecommender:
     """
 
     def __init__(self, data: DialogData) -> None:
-        column = data.items["genres"] if "genres" in data.items else None
+        values = data.items["genres"] if "genres" in data.items else [None] * len(data.items)
         self.genres = [
-            frozenset(g for g in str(v).split("|") if g) if isinstance(v, str) else frozenset()
-            for v in (column if column is not None else [None] * len(data.items))
+            frozenset(g for g in v.split("|") if g) if isinstance(v, str) else frozenset()
+            for v in values
         ]
 
     def reset(self, seed: int | None = None) -> None:

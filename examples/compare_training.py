@@ -115,18 +115,20 @@ def run_job(args: Args, env_id: str, method: Method, seed: int, threads: int) ->
     import torch
 
     torch.set_num_threads(threads)
-    config = job_config(args, env_id, method, seed)
-    result_path = Path(config.output_dir) / "result.json"
     if (done := finished_result(args, env_id, method, seed)) is not None:
         return done
+    config = job_config(args, env_id, method, seed)
     start = time.perf_counter()
     trainer = CoARSTrainer(config)
     trainer.train()
     trained = time.perf_counter()
-    trainer.config = dataclasses.replace(config, eval_alignment_users=args.final_alignment_users)
     # The same held-out sessions for every method and seed (paired comparisons).
-    held_out = trainer.load_data(args.final_split)
-    final = trainer.evaluate(args.final_sessions, data=held_out, subset_seed=0)
+    final = trainer.evaluate(
+        args.final_sessions,
+        data=load_run_data(config, args.final_split),
+        subset_seed=0,
+        alignment_users=args.final_alignment_users,
+    )
     result = {
         "env_id": env_id,
         "method": method,
@@ -137,6 +139,7 @@ def run_job(args: Args, env_id: str, method: Method, seed: int, threads: int) ->
         "split": args.final_split,
         **final,
     }
+    result_path = Path(config.output_dir) / "result.json"
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     return result

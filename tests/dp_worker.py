@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from envtools import tiny_dialog_data  # noqa: E402
+from test_coars_trainer import TINY  # noqa: E402
 
 from coars_agents.coars import CoARSConfig, CoARSTrainer  # noqa: E402
 
@@ -21,17 +22,11 @@ from coars_agents.coars import CoARSConfig, CoARSTrainer  # noqa: E402
 def main(out: str) -> None:
     torch.set_num_threads(1)
     config = CoARSConfig(
-        model="tiny",
         output_dir=out,
         total_steps=2,
-        max_turns=2,
-        sessions_per_step=2,
-        max_new_tokens=16,
-        reason_tokens=4,
-        micro_batch_size=4,
-        tensorboard=False,
         checkpoint_every=1,
         time_limit_minutes=60.0,  # exercises the all-process agreement on stopping
+        **TINY,
     )
     trainer = CoARSTrainer(
         config, train_data=tiny_dialog_data(split="train"), eval_data=tiny_dialog_data()
