@@ -589,9 +589,11 @@ class LLMPolicy:
     ) -> list[torch.Tensor]:
         """Per-token log-probs of each completion given its prompt (raw distribution).
 
-        One forward pass per batch (chunked by ``max_batch_size``): prompts are left-padded and
-        completions right-padded to common widths, so every completion starts at the same
-        column and only ``max completion length + 1`` positions go through ``lm_head``.
+        One forward pass per batch (chunked by ``max_batch_size``): each prompt is padded just
+        before its last token and completions are right-padded to common widths, so every
+        completion starts at the same column, only ``max completion length + 1`` positions go
+        through ``lm_head``, and no row begins with padding (fully masked rows break the
+        backward pass of fused GPU attention kernels).
 
         Args:
             prompt_ids_list: contexts (e.g. the student's ``x`` or the teacher's ``x + d``).
@@ -625,8 +627,14 @@ class LLMPolicy:
         ids = torch.full((n, p_width + c_width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, (p, c) in enumerate(zip(prompts, completions)):
-            ids[i, p_width - len(p) : p_width] = torch.tensor(p)
-            mask[i, p_width - len(p) : p_width] = 1
+            # The prompt's padding goes before its last token, not before the prompt: a query
+            # row that may attend to nothing (a left pad) gives NaN gradients in fused CUDA
+            # attention kernels, even when its output is never used. Each row now starts
+            # with a real token; the masked gap changes nothing (positions skip it).
+            ids[i, : len(p) - 1] = torch.tensor(p[:-1], dtype=torch.long)
+            mask[i, : len(p) - 1] = 1
+            ids[i, p_width - 1] = p[-1]
+            mask[i, p_width - 1] = 1
             if c:
                 ids[i, p_width : p_width + len(c)] = torch.tensor(c)
                 mask[i, p_width : p_width + len(c)] = 1

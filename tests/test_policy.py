@@ -235,6 +235,38 @@ def test_score_handles_padding_and_grad(policy):
     torch.testing.assert_close(out[0], alone, atol=1e-5, rtol=0)
 
 
+def _attention_nan_on_empty_rows(module, query, key, value, attention_mask, scaling=None, **_):
+    """Plain softmax attention that, like fused CUDA kernels, returns NaN (and NaN gradients)
+    for a query row that may attend to nothing."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = query @ key.transpose(-1, -2) * (scaling or query.shape[-1] ** -0.5)
+    scores = scores.masked_fill(~attention_mask, float("-inf"))
+    return (torch.softmax(scores, -1) @ value).transpose(1, 2).contiguous(), None
+
+
+def test_score_never_feeds_a_fully_masked_row(policy):
+    """Regression (GPU, bf16): left-padded scoring batches gave NaN adapter gradients."""
+    masking = pytest.importorskip("transformers.masking_utils")
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("nan_on_empty_rows", _attention_nan_on_empty_rows)
+    masking.AttentionMaskInterface.register("nan_on_empty_rows", masking.sdpa_mask)
+    strict = make_policy(0)
+    strict.lm.set_attn_implementation("nan_on_empty_rows")
+    strict.add_adapter("a", LoraSettings(r=4, alpha=8))
+    prompts = [policy.render(m) for m in PROMPTS]  # three different prompt lengths
+    completions = [[5, 6, 7], [], [9, 10]]
+    out = strict.score(prompts, completions, adapter="a", requires_grad=True)
+    sum(o.sum() for o in out).backward()
+    grads = [p.grad for p in strict.trainable_parameters("a") if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # and the layout changes nothing: same log-probs as the default attention, row by row
+    for o, prompt, completion in zip(out, prompts, completions):
+        alone = policy.score([prompt], [completion])[0]
+        torch.testing.assert_close(o.detach(), alone, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Adapters
 # ----------------------------------------------------------------------------------------------
