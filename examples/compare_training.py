@@ -26,10 +26,13 @@ resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
+import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -206,10 +209,18 @@ def main(args: Args) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(e, m, s) for e in args.env_ids for m in args.methods for s in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.workers)
-    start, results = time.monotonic(), []
+    start, results, failed = time.monotonic(), [], []
 
-    def finished(job: tuple, result: dict | None) -> None:
+    def finished(job: tuple, outcome: Callable[[], dict | None]) -> None:
+        try:
+            result = outcome()
+        except Exception as error:  # one failed job (e.g. out of GPU memory) loses no other
+            failed.append(job)
+            report = _record_failure(args, job, error)
+            print(f"FAILED {job}: {type(error).__name__}: {error} (see {report})", flush=True)
+            return
         if result is not None:
+            (Path(job_config(args, *job).output_dir) / "error.txt").unlink(missing_ok=True)
             results.append(result)
             write_tables(out, results)  # after every job: a killed comparison keeps its table
             print(f"done {job}: Hit@1 {result['eval/oracle/hit@1']:.3f}", flush=True)
@@ -218,13 +229,13 @@ def main(args: Args) -> pd.DataFrame:
         results = [r for job in jobs if (r := finished_result(args, *job)) is not None]
     elif args.workers == 1:
         for job in jobs:
-            finished(job, _guarded_job(args, *job, threads, start))
+            finished(job, functools.partial(_guarded_job, args, *job, threads, start))
     else:
         # Spawned processes: CUDA cannot be shared with forked ones.
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
             futures = {job: pool.submit(_guarded_job, args, *job, threads, start) for job in jobs}
             for job, future in futures.items():
-                finished(job, future.result())
+                finished(job, future.result)
     results += [reference_result(args, e, name) for e in args.env_ids for name in args.references]
     summary = write_tables(out, results)
     print(to_markdown(summary))
@@ -238,6 +249,13 @@ def main(args: Args) -> pd.DataFrame:
         if runs:
             png = plot_learning_curves(runs, out / f"learning_curves_{_slug(env_id)}.png")
             print(f"wrote {png}")
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {len(jobs)} jobs failed: {failed}. Each one's error is in its "
+            "folder's error.txt; the tables cover the finished jobs. Run the same command "
+            "again to retry only the failed and unfinished jobs (e.g. with fewer --workers "
+            "or a smaller --micro-batch-size after running out of memory)."
+        )
     return pd.DataFrame(results)
 
 
@@ -283,6 +301,15 @@ def _guarded_job(args: Args, env_id: str, method: Method, seed: int, threads: in
     if args.deadline_minutes and time.monotonic() - start > 60 * args.deadline_minutes:
         return None
     return run_job(args, env_id, method, seed, threads)
+
+
+def _record_failure(args: Args, job: tuple, error: BaseException) -> Path:
+    """Write a failed job's traceback to ``<job folder>/error.txt``; a retry overwrites it."""
+    folder = Path(job_config(args, *job).output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    (folder / "error.txt").write_text(trace)
+    return folder / "error.txt"
 
 
 def _slug(env_id: str) -> str:

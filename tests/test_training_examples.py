@@ -127,6 +127,45 @@ def test_compare_training_tabulates_seeds_resumes_and_plots(tmp_path, tiny_train
     assert untrained.nunique() == 1
 
 
+def test_compare_training_keeps_going_when_a_job_fails_and_retries_it(
+    tmp_path, tiny_train, monkeypatch
+):
+    example = load_example("compare_training")
+    real_job = example.run_job
+
+    def out_of_memory_once(args, env_id, method, seed, threads):
+        if (method, seed) == ("coars", 1):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_job(args, env_id, method, seed, threads)
+
+    monkeypatch.setattr(example, "run_job", out_of_memory_once)
+    args = example.Args(
+        methods=("untrained", "coars"),
+        seeds=(0, 1),
+        out_dir=str(tmp_path / "cmp"),
+        final_sessions=2,
+        final_alignment_users=0,
+        references=(),
+        train=CoARSConfig(total_steps=1, **tiny_train),
+    )
+    with pytest.raises(RuntimeError, match=r"1 of 4 jobs failed"):
+        example.main(args)
+    error = tmp_path / "cmp" / "synthetic" / "coars" / "seed1" / "error.txt"
+    assert "CUDA out of memory (simulated)" in error.read_text()
+    summary = pd.read_csv(tmp_path / "cmp" / "summary.csv")
+    assert dict(zip(summary["method"], summary["seeds"])) == {"untrained": 2, "coars": 1}
+
+    # The same command again trains only the failed job; its stale error report goes away.
+    finished_log = tmp_path / "cmp" / "synthetic" / "coars" / "seed0" / "metrics.jsonl"
+    before = finished_log.read_text()
+    monkeypatch.setattr(example, "run_job", real_job)
+    frame = example.main(args)
+    assert sorted(zip(frame["method"], frame["seed"]))[:2] == [("coars", 0), ("coars", 1)]
+    assert len(frame) == 4 and not error.exists()
+    assert finished_log.read_text() == before
+    assert (error.parent / "result.json").is_file()
+
+
 def test_t_interval_is_the_student_t_interval_over_seeds():
     example = load_example("compare_training")
     mean, low, high = example.t_interval(np.array([0.1, 0.3]))
