@@ -33,6 +33,7 @@ so that sampling, stop strings, constraints and raw log-probs are under our cont
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
@@ -243,6 +244,8 @@ class LLMPolicy:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         self._active: str | None = None
+        # Decoding-only copies of the base with one adapter merged in (see merged_adapters).
+        self._merged: dict[str, PreTrainedModel] = {}
         if isinstance(model, PeftModel):
             self._activate(model.active_adapter)
 
@@ -319,8 +322,10 @@ class LLMPolicy:
         position_ids: torch.Tensor,
         cache: DynamicCache | None = None,
         logits_to_keep: int = 0,
+        module: PreTrainedModel | None = None,
     ) -> torch.Tensor:
-        """Logits of the last ``logits_to_keep`` positions (all when 0)."""
+        """Logits of the last ``logits_to_keep`` positions (all when 0), from ``module``
+        (default: the model with its LoRA layers)."""
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -331,7 +336,7 @@ class LLMPolicy:
             kwargs[self._cache_kw] = cache
         if logits_to_keep and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-        logits = self.lm(**kwargs).logits
+        logits = (module or self.lm)(**kwargs).logits
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def _new_cache(self) -> DynamicCache:
@@ -453,7 +458,10 @@ class LLMPolicy:
         input_ids, attention_mask = self._left_pad(distinct)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
-        logits = self._forward(input_ids, attention_mask, position_ids, cache, logits_to_keep=1)
+        module = self._merged.get(self._active) if self._active is not None else None
+        logits = self._forward(
+            input_ids, attention_mask, position_ids, cache, logits_to_keep=1, module=module
+        )
         logits = logits[:, -1].float()
         next_pos = position_ids[:, -1] + 1
         if len(distinct) < n:
@@ -507,7 +515,9 @@ class LLMPolicy:
             attention_mask = torch.cat(
                 [attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1
             )
-            logits = self._forward(tokens[:, None], attention_mask, next_pos[:, None], cache)
+            logits = self._forward(
+                tokens[:, None], attention_mask, next_pos[:, None], cache, module=module
+            )
             logits = logits[:, -1].float()
             next_pos = next_pos + 1
 
@@ -717,6 +727,36 @@ class LLMPolicy:
             for p in self._adapter_parameters(None):
                 p.requires_grad_(True)
         self._active = name
+
+    @contextmanager
+    def merged_adapters(self, names: Sequence[str] | None = None) -> Iterator[None]:
+        """Within this block, :meth:`generate` decodes with copies of the base that have the
+        adapter merged into their weights: no LoRA layers in the decoding loop.
+
+        Why: with small models on GPUs, decoding is bound by the Python work per step, and
+        PEFT's LoRA wrappers (7 per decoder layer) are a large part of it. Scoring and
+        training still use the adapters themselves. The copies are made on entry and freed
+        on exit; they do not see updates to an adapter inside the block. Cost: one extra
+        model per adapter while the block lasts. Outputs match the unmerged model up to
+        floating-point rounding.
+
+        Args:
+            names: adapters to merge (default: all).
+        """
+        peft_model = self.peft_model
+        names = list(self.adapter_names if names is None else names)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise KeyError(f"no adapter {unknown}; have {self.adapter_names}")
+        try:
+            for name in names:
+                # A deep copy with both adapters, from which PEFT merges one and removes all
+                # LoRA layers; the live model and its adapters are untouched.
+                merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=[name])
+                self._merged[name] = merged.requires_grad_(False).eval()
+            yield
+        finally:
+            self._merged.clear()
 
     def _adapter_parameters(self, name: str | None) -> list[torch.nn.Parameter]:
         if self.peft_model is None:

@@ -95,6 +95,23 @@ def test_one_step_logs_every_metric_and_moves_only_adapters(tmp_path):
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
+def test_merged_rollouts_train_like_adapter_rollouts(tmp_path):
+    """Decoding with merged copies changes speed, not the training run."""
+    runs = {}
+    for merged in (False, True):
+        trainer = make_trainer(tmp_path / str(merged), total_steps=3, merged_rollouts=merged)
+        history = trainer.train()
+        assert not trainer.policy._merged  # copies are freed after each rollout
+        runs[merged] = (history, snapshot(trainer))
+    (plain, plain_params), (fast, fast_params) = runs[False], runs[True]
+    for a, b in zip(plain, fast):
+        for key in ("rollout/hit@1", "rollout/avg_turns", "recommender/trained_turns"):
+            assert a[key] == b[key], key
+        assert a["recommender/loss"] == pytest.approx(b["recommender/loss"], abs=1e-5)
+    for name, value in plain_params.items():
+        torch.testing.assert_close(fast_params[name], value, atol=1e-5, rtol=0)
+
+
 def test_training_one_agent_leaves_the_other_adapter_untouched(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=1, train_agents="recommender")
     before = snapshot(trainer)

@@ -287,6 +287,35 @@ def adapted():
     return policy
 
 
+def test_merged_adapters_decode_like_the_adapters_and_are_freed():
+    policy = make_policy(3, torch.float64)
+    policy.add_adapter("recommender", LoraSettings(r=4, alpha=8))
+    policy.add_adapter("user")
+    perturb(policy, "recommender", 1)
+    perturb(policy, "user", 2)
+    base = {n: p.detach().clone() for n, p in policy.lm.named_parameters() if ".lora_" not in n}
+    prompts = [policy.render(m) for m in PROMPTS]
+    sampling = SamplingConfig(max_new_tokens=24, temperature=0.9, seed=5)
+    for name in ("recommender", "user", None):
+        plain = policy.generate_ids(prompts, sampling=sampling, adapter=name)
+        with policy.merged_adapters():
+            merged = policy.generate_ids(prompts, sampling=sampling, adapter=name)
+        for a, b in zip(plain, merged):
+            assert a.completion_ids == b.completion_ids
+            torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    # the adapters differ from each other, so the test can tell which one was merged
+    rec = policy.generate_ids(prompts, sampling=sampling, adapter="recommender")
+    user = policy.generate_ids(prompts, sampling=sampling, adapter="user")
+    assert [g.completion_ids for g in rec] != [g.completion_ids for g in user]
+    assert not policy._merged
+    for n, p in policy.lm.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), f"merging changed the live base weight {n}"
+    with pytest.raises(KeyError, match="no adapter"):
+        with policy.merged_adapters(["critic"]):
+            pass
+
+
 def test_new_adapters_equal_the_base(adapted):
     prompts = [adapted.render(m) for m in PROMPTS]
     comp = [[5, 6, 7]] * 3
