@@ -148,7 +148,12 @@ class CoARSConfig:
 
     # --- optimisation -------------------------------------------------------------------------
     learning_rate: float = 2e-4
-    """AdamW learning rate of both adapters."""
+    """AdamW learning rate of both adapters (of the recommender's when
+    ``user_learning_rate`` is set)."""
+    user_learning_rate: float | None = None
+    """AdamW learning rate of the user adapter (None: ``learning_rate``). The user agent sees
+    mostly misses, and at lr 5e-4 learned to reject everything within ~5 steps
+    (docs/results/synthetic_h200_comparison.md): a lower rate slows that down."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Gradient clipping per adapter (0 disables)."""
@@ -204,6 +209,15 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        user_rate = self.user_learning_rate
+        if self.learning_rate <= 0 or (user_rate is not None and user_rate <= 0):
+            raise ValueError("learning rates must be > 0")
+
+    def agent_learning_rate(self, agent: str) -> float:
+        """The AdamW learning rate of ``agent``'s adapter."""
+        if agent == USER and self.user_learning_rate is not None:
+            return self.user_learning_rate
+        return self.learning_rate
 
     @property
     def trained_agents(self) -> tuple[str, ...]:
@@ -288,7 +302,7 @@ class CoARSTrainer:
             agent: self.accelerator.prepare_optimizer(
                 torch.optim.AdamW(
                     self.policy.trainable_parameters(agent),
-                    lr=config.learning_rate,
+                    lr=config.agent_learning_rate(agent),
                     weight_decay=config.weight_decay,
                 )
             )

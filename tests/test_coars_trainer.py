@@ -173,6 +173,17 @@ def test_bad_configs_are_rejected():
         CoARSConfig(ppo_epochs=2)
     with pytest.raises(ValueError):
         CoARSConfig(sessions_per_step=0)
+    with pytest.raises(ValueError, match="learning rates"):
+        CoARSConfig(user_learning_rate=0.0)
+
+
+def test_the_user_adapter_can_have_its_own_learning_rate(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=0, learning_rate=3e-4, user_learning_rate=1e-5)
+    rates = {a: [g["lr"] for g in opt.param_groups] for a, opt in trainer.optimizers.items()}
+    assert rates == {RECOMMENDER: [3e-4], USER: [1e-5]}
+    assert (
+        make_trainer(tmp_path / "b", total_steps=0).optimizers[USER].param_groups[0]["lr"] == 2e-4
+    )
 
 
 RUNNER = """
