@@ -25,7 +25,8 @@ def test_signatures_read_as_written_and_config_fields_carry_their_docstrings():
     text = gen_api_docs.render()
     assert "### `make(env_id: str, split: str = 'test'" in text
     docs = gen_api_docs.field_docs(CoARSConfig)
-    assert docs["learning_rate"] == "AdamW learning rate of both adapters."
+    assert docs["max_grad_norm"] == "Gradient clipping per adapter (0 disables)."
     assert (
-        "| `learning_rate` | `float` | `0.0002` | AdamW learning rate of both adapters. |" in text
+        "| `max_grad_norm` | `float` | `1.0` | Gradient clipping per adapter (0 disables). |"
+        in text
     )
