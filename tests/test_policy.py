@@ -2,6 +2,7 @@
 
 ``COARS_TEST_DEVICE=cuda`` runs the tiny-model tests on a GPU (still float32/float64)."""
 
+import math
 import os
 import re
 
@@ -100,6 +101,23 @@ def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(policy6
     assert first.completion_ids == a[0].completion_ids, "row 0 does not depend on rows 1, 2"
     other = policy64.generate(PROMPTS, sampling=SamplingConfig(max_new_tokens=16, seed=12))
     assert [g.completion_ids for g in other] != [g.completion_ids for g in a]
+
+
+def test_sampling_draws_from_the_masked_tempered_softmax():
+    from coars_agents.policy import _choose
+
+    logits = torch.tensor([0.0, math.log(2.0), math.log(5.0), 3.0, -1.0])
+    mask = torch.tensor([True, True, True, False, True])  # token 3 is not allowed
+    n = 20_000
+    generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    for temperature in (1.0, 0.5):
+        sampling = SamplingConfig(temperature=temperature)
+        tokens = _choose(logits.expand(n, -1), mask.expand(n, -1), sampling, generators)
+        expected = (logits / temperature).masked_fill(~mask, -math.inf).softmax(-1)
+        freq = torch.bincount(tokens, minlength=5).double() / n
+        assert freq[3] == 0
+        se = (expected * (1 - expected) / n).sqrt()
+        assert ((freq - expected).abs() <= 4 * se + 1e-12).all(), (freq, expected)
 
 
 def test_shared_prefix_reuse_changes_nothing(policy64):
