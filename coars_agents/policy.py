@@ -20,8 +20,9 @@ One :class:`LLMPolicy` wraps a causal LM and its tokenizer. It is used three way
 The decoding loop is our own (``model(input_ids, cache=..., use_cache=True)`` step by step),
 so that sampling, stop strings, constraints and raw log-probs are under our control:
 
-- left padding, attention mask, position ids from the mask (``cumsum - 1``), so a row gives
-  the same numbers whatever else is in the batch;
+- padding just before each prompt's last token (never a row that starts with padding,
+  which breaks fused GPU attention kernels), an attention mask, position ids from the mask
+  (``cumsum - 1``), so a row gives the same numbers whatever else is in the batch;
 - one :class:`torch.Generator` per row, seeded from ``(sampling.seed, row index)``, and
   inverse-CDF sampling: a row's sample does not depend on the batch it is in;
 - finished rows leave the batch (their KV cache rows are dropped), so long answers do not
@@ -455,7 +456,7 @@ class LLMPolicy:
             distinct = [list(u) for u in unique]
         else:
             row_to_unique, distinct = list(range(n)), prompts
-        input_ids, attention_mask = self._left_pad(distinct)
+        input_ids, attention_mask = (t.to(device) for t in self._pad_prompts(distinct))
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
         module = self._merged.get(self._active) if self._active is not None else None
@@ -576,15 +577,25 @@ class LLMPolicy:
             return "length", None
         return None, None
 
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_prompts(self, seqs: list[list[int]], extra: int = 0) -> tuple[torch.Tensor, ...]:
+        """Prompts padded to a common width (plus ``extra`` free columns), on the CPU.
+
+        The padding goes just before each prompt's last token, not before the prompt: the
+        last tokens line up in the last prompt column, and no row starts with padding. A
+        query row that may attend to nothing (a left pad) gets NaN gradients, and from some
+        kernels NaN outputs, in fused GPU attention, even where its output is never used.
+        The masked gap changes nothing: position ids count only unmasked tokens.
+        """
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        ids = torch.full((len(seqs), width + extra), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
         for i, s in enumerate(seqs):
             if s:
-                ids[i, width - len(s) :] = torch.tensor(s)
-                mask[i, width - len(s) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+                ids[i, : len(s) - 1] = torch.tensor(s[:-1], dtype=torch.long)
+                mask[i, : len(s) - 1] = 1
+                ids[i, width - 1] = s[-1]
+                mask[i, width - 1] = 1
+        return ids, mask
 
     # ------------------------------------------------------------------------------------------
     # Scoring
@@ -635,17 +646,9 @@ class LLMPolicy:
         n = len(prompts)
         p_width = max(len(p) for p in prompts)
         c_width = max(1, max(len(c) for c in completions))
-        ids = torch.full((n, p_width + c_width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            # The prompt's padding goes before its last token, not before the prompt: a query
-            # row that may attend to nothing (a left pad) gives NaN gradients in fused CUDA
-            # attention kernels, even when its output is never used. Each row now starts
-            # with a real token; the masked gap changes nothing (positions skip it).
-            ids[i, : len(p) - 1] = torch.tensor(p[:-1], dtype=torch.long)
-            mask[i, : len(p) - 1] = 1
-            ids[i, p_width - 1] = p[-1]
-            mask[i, p_width - 1] = 1
+        # Prompts end in column p_width - 1, so every completion starts at column p_width.
+        ids, mask = self._pad_prompts(prompts, extra=c_width)
+        for i, c in enumerate(completions):
             if c:
                 ids[i, p_width : p_width + len(c)] = torch.tensor(c)
                 mask[i, p_width : p_width + len(c)] = 1

@@ -263,7 +263,7 @@ def _attention_nan_on_empty_rows(module, query, key, value, attention_mask, scal
     return (torch.softmax(scores, -1) @ value).transpose(1, 2).contiguous(), None
 
 
-def test_score_never_feeds_a_fully_masked_row(policy):
+def test_no_row_starts_with_padding_in_scoring_or_generation(policy):
     """Regression (GPU, bf16): left-padded scoring batches gave NaN adapter gradients."""
     masking = pytest.importorskip("transformers.masking_utils")
     from transformers import AttentionInterface
@@ -283,6 +283,13 @@ def test_score_never_feeds_a_fully_masked_row(policy):
     for o, prompt, completion in zip(out, prompts, completions):
         alone = policy.score([prompt], [completion])[0]
         torch.testing.assert_close(o.detach(), alone, atol=1e-5, rtol=0)
+    # Generation pads its prompts the same way: finite, and as the default attention decodes.
+    greedy = SamplingConfig(max_new_tokens=8, greedy=True)
+    with strict.use_adapter(None):
+        strict_gens = strict.generate_ids(prompts, sampling=greedy)
+    for gen, reference in zip(strict_gens, policy.generate_ids(prompts, sampling=greedy)):
+        assert torch.isfinite(gen.logprobs).all()
+        assert gen.completion_ids == reference.completion_ids
 
 
 # ----------------------------------------------------------------------------------------------
