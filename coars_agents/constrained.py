@@ -178,7 +178,8 @@ def recommender_template(
     candidate number as a string) and ``reason``. ``exclude``: 1-based numbers not offered
     (e.g. the candidates already recommended in the session); at least one must remain.
     """
-    items = [str(i) for i in range(1, n_candidates + 1) if i not in set(exclude)]
+    excluded = set(exclude)
+    items = [str(i) for i in range(1, n_candidates + 1) if i not in excluded]
     if not items:
         raise ValueError(f"exclude={sorted(exclude)} leaves no candidate of {n_candidates}")
     return Template.from_format(

@@ -17,9 +17,10 @@ resumes where it stopped.
 
     # CPU smoke scale (a random tiny model: tests the pipeline, learns nothing useful)
     python examples/compare_training.py --model tiny --total-steps 2 --final-sessions 8
-    # the recorded GPU run (README, "Results"): see docs/results/coars_vs_rl.md
+    # a GPU run: docs/results/synthetic_h200_comparison.md has the recorded one's command
     python examples/compare_training.py --env-ids RecDialog-synthetic RecDialog-ml100k \\
-        --model smollm2 --workers 12 --total-steps 60 --sessions-per-step 16 \\
+        --model smollm2 --workers 9 --total-steps 60 --sessions-per-step 32 \\
+        --rollouts-per-session 4 --group-normalise --merged-rollouts \\
         --mixed-precision bf16 --final-sessions 300
 """
 
@@ -79,7 +80,8 @@ class Args:
     final_split: Literal["valid", "test"] = "test"
     """Split of the final evaluation (training's periodic evaluations use ``eval_split``)."""
     final_sessions: int = 300
-    """Held-out sessions of the final evaluation (a seeded subset per seed)."""
+    """Held-out sessions of the final evaluation (one seeded subset, the same for every job
+    and reference row: paired comparisons)."""
     final_alignment_users: int = 50
     """Users whose alignment sets the final evaluation judges (user F1)."""
     workers: int = 1
