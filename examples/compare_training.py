@@ -17,11 +17,11 @@ resumes where it stopped.
 
     # CPU smoke scale (a random tiny model: tests the pipeline, learns nothing useful)
     python examples/compare_training.py --model tiny --total-steps 2 --final-sessions 8
-    # a GPU run: docs/results/synthetic_h200_comparison.md has the recorded one's command
+    # a GPU run: docs/results/synthetic_h200_15steps.md has the recorded one's command
     python examples/compare_training.py --env-ids RecDialog-synthetic RecDialog-ml100k \\
-        --model smollm2 --workers 9 --total-steps 60 --sessions-per-step 32 \\
-        --rollouts-per-session 4 --group-normalise --merged-rollouts \\
-        --mixed-precision bf16 --final-sessions 300
+        --model smollm2 --workers 9 --total-steps 60 --sessions-per-step 16 \\
+        --rollouts-per-session 4 --group-normalise --reason-tokens 4 --learning-rate 5e-4 \\
+        --micro-batch-size 16 --merged-rollouts --mixed-precision bf16 --final-sessions 300
 """
 
 from __future__ import annotations
