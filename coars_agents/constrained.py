@@ -453,6 +453,15 @@ class TemplateState:
 
     # -- stepping ------------------------------------------------------------------------------
 
+    def literal_run(self) -> tuple[int, ...]:
+        """The tokens forced next, in order: the rest of the current literal, unless that
+        literal ends the template (so consuming the run never completes it). Empty anywhere
+        else. A decoder may feed the run in one forward pass instead of one pass per token."""
+        if self.done or self._is_last():
+            return ()
+        step = self.steps[self.index]
+        return step.tokens[self.pos :] if isinstance(step.seg, Literal) else ()
+
     def allowed(self) -> torch.Tensor:
         """Boolean mask (``n_logits``,) of the tokens allowed next."""
         if self.done:

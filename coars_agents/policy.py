@@ -208,6 +208,10 @@ class LLMPolicy:
         shortener: default prompt shortener for :meth:`generate`.
         share_prefixes: prefill identical prompts of one call once and expand the KV cache
             (same results, less compute; off only to measure or to debug).
+        fast_forward_literals: in constrained decoding, feed the template's literal text
+            (``"\\nReason:"``, ...) in one forward pass when every row of the batch is inside
+            one, instead of one pass per token (same results, fewer decoding steps; off only
+            to measure or to debug).
     """
 
     def __init__(
@@ -220,6 +224,7 @@ class LLMPolicy:
         eos_token_ids: Sequence[int] | None = None,
         shortener: Shortener | None = None,
         share_prefixes: bool = True,
+        fast_forward_literals: bool = True,
     ) -> None:
         self.model: torch.nn.Module = model  # the PeftModel once an adapter exists
         # The transformers model, called directly (PEFT injects its LoRA layers in place).
@@ -232,6 +237,7 @@ class LLMPolicy:
         self.max_batch_size = max_batch_size
         self.shortener = shortener
         self.share_prefixes = share_prefixes
+        self.fast_forward_literals = fast_forward_literals
         self.lm.requires_grad_(False)
         self.lm.eval()  # no dropout anywhere: log-probs must be reproducible
 
@@ -514,14 +520,35 @@ class LLMPolicy:
                     tokens[index],
                 )
                 active = [active[j] for j in keep]
+            # The chosen tokens, then the literal tokens that every row is forced to emit next.
+            run = self._shared_literal_run(
+                [states[r] for r in active], active, completions, sampling.max_new_tokens
+            )
+            step_ids = torch.cat([tokens[:, None], run.to(device)], dim=1)
+            width = step_ids.shape[1]
             attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1
+                [attention_mask, attention_mask.new_ones(len(active), width)], dim=-1
             )
+            positions = next_pos[:, None] + torch.arange(width, device=device)
             logits = self._forward(
-                tokens[:, None], attention_mask, next_pos[:, None], cache, module=module
-            )
-            logits = logits[:, -1].float()
-            next_pos = next_pos + 1
+                step_ids, attention_mask, positions, cache, logits_to_keep=width, module=module
+            ).float()
+            for j in range(width - 1):  # record the literal tokens as if decoded one by one
+                token_lp = torch.log_softmax(logits[:, j], dim=-1).gather(
+                    1, step_ids[:, j + 1, None]
+                )
+                if generators is not None:  # the draw a one-token step would have spent
+                    for r in active:
+                        torch.rand(1, generator=generators[r], dtype=torch.float64)
+                for i, (tok, lp) in enumerate(zip(run[:, j].tolist(), token_lp[:, 0].tolist())):
+                    r = active[i]
+                    completions[r].append(tok)
+                    logprobs[r].append(lp)
+                    forced[r].append(True)
+                    finish[r], stop_at[r] = self._finished(tok, states[r], completions[r], sampling)
+                    assert finish[r] is None, "a literal run never ends a row"
+            logits = logits[:, -1]
+            next_pos = next_pos + width
 
         results = []
         for r in range(n):
@@ -545,6 +572,25 @@ class LLMPolicy:
                 )
             )
         return results
+
+    def _shared_literal_run(
+        self,
+        states: list[TemplateState | None],
+        rows: list[int],
+        completions: list[list[int]],
+        max_new_tokens: int,
+    ) -> torch.Tensor:
+        """Literal tokens (long[b, k], k >= 0) that every row emits next: the longest common
+        length of their literal runs, short of each row's token budget (so no row finishes
+        inside the run)."""
+        k = 0
+        if self.fast_forward_literals and states and all(s is not None for s in states):
+            runs = [s.literal_run() for s in states]  # type: ignore[union-attr]
+            budget = min(max_new_tokens - len(completions[r]) - 1 for r in rows)
+            k = max(0, min([len(run) for run in runs] + [budget]))
+        if k == 0:
+            return torch.empty(len(states), 0, dtype=torch.long)
+        return torch.tensor([run[:k] for run in runs], dtype=torch.long)
 
     def _step_mask(self, states: list[TemplateState | None]) -> torch.Tensor:
         """Allowed tokens per batch row (CPU bool[b, n_logits])."""

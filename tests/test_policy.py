@@ -146,6 +146,65 @@ def test_chunking_changes_nothing(policy64):
     assert [g.completion_ids for g in whole] == [g.completion_ids for g in chunked]
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingConfig(max_new_tokens=40, seed=6),
+        SamplingConfig(max_new_tokens=40, greedy=True),
+        SamplingConfig(max_new_tokens=7, seed=6),  # the budget cuts a literal run short
+    ],
+)
+def test_fast_forwarded_literals_change_nothing_but_the_forward_passes(policy64, sampling):
+    # Mixed templates in one batch, so the rows' literals do not line up.
+    templates = [recommender_template(20, 8), user_template(8), recommender_template(20, 8)]
+    widths: list[int] = []  # tokens per row fed by each forward pass
+    forward = policy64._forward
+
+    def counting_forward(input_ids, *args, **kwargs):
+        widths.append(input_ids.shape[1])
+        return forward(input_ids, *args, **kwargs)
+
+    def run(fast: bool) -> tuple[list[Generation], list[int]]:
+        widths.clear()
+        policy64.fast_forward_literals = fast
+        gens = policy64.generate(PROMPTS, sampling=sampling, constraint=templates)
+        return gens, widths[1:]  # without the prefill
+
+    policy64._forward = counting_forward
+    try:
+        fast, fast_widths = run(True)
+        slow, slow_widths = run(False)
+    finally:
+        policy64.fast_forward_literals = True
+        del policy64._forward
+    for a, b in zip(fast, slow):
+        assert a.completion_ids == b.completion_ids and a.text == b.text
+        assert a.forced.tolist() == b.forced.tolist() and a.finish_reason == b.finish_reason
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-9, rtol=0)
+    assert set(slow_widths) == {1} and max(fast_widths) > 1
+    assert sum(fast_widths) == sum(slow_widths), "the same tokens, in fewer passes"
+    assert len(fast_widths) < len(slow_widths)
+    for g, lp in zip(fast, rescore(policy64, fast)):  # still the log-probs of a full pass
+        torch.testing.assert_close(g.logprobs, lp.cpu().float(), atol=1e-6, rtol=0)
+
+
+def test_literal_runs_leave_a_closing_literal_to_one_token_steps(policy):
+    from coars_agents.constrained import Choice, Template
+
+    template = Template.from_format("Pick: {x} done.", x=Choice(["a", "b"]))
+    state = TemplateState(template, policy.vocab)
+    opening = policy.vocab.encode("Pick:")
+    assert state.literal_run() == opening
+    state.advance(opening[0])
+    assert state.literal_run() == opening[1:]
+    for token in opening[1:]:
+        state.advance(token)
+    assert state.literal_run() == ()  # the choice
+    while state.index == 1:
+        state.advance(int(state.allowed().nonzero()[0]))
+    assert not state.done and state.literal_run() == ()  # " done." would complete the template
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_constrained_outputs_always_match_the_templates(policy, seed):
     tokenizer = policy.tokenizer
