@@ -129,7 +129,8 @@ class CoARSConfig:
     gamma: float = 0.9
     """Stage factor D_t = gamma**(t-1) for hits (ours)."""
     credit_coef_rec: float = 0.1
-    """lambda_rec: weight of the self-distilled token credit A for the recommender."""
+    """lambda_rec: weight of the self-distilled token credit A for the recommender (0: no
+    teacher pass, and A is logged as 0)."""
     credit_coef_user: float = 0.1
     """lambda_user: weight of the token credit for the user agent."""
     credit_schedule: Literal["constant", "linear_decay"] = "constant"
@@ -463,14 +464,19 @@ class CoARSTrainer:
         # No samples (e.g. the user never had anything to judge): nothing to score, and no
         # optimizer step on this process unless other processes bring gradients.
         n_chunks = math.ceil(len(samples) / cfg.micro_batch_size)
+        # lambda = 0 (outcome-only RL, the no-credit ablation): A is unused, so the teacher
+        # pass is skipped and A logged as 0; baselines then cost what they would on their own.
+        use_teacher = self.credit_coef(agent) != 0
         for _ in range(cfg.ppo_epochs):
             for c in range(n_chunks):
                 chunk = samples[c * cfg.micro_batch_size : (c + 1) * cfg.micro_batch_size]
                 completions = [s.completion_ids for s in chunk]
                 t0 = time.perf_counter()
-                teacher = self.policy.score(
-                    [s.teacher_ids for s in chunk], completions, adapter=agent
-                )
+                teacher = None
+                if use_teacher:
+                    teacher = self.policy.score(
+                        [s.teacher_ids for s in chunk], completions, adapter=agent
+                    )
                 reference = None
                 if cfg.kl_coef > 0:
                     reference = self.policy.score(
@@ -487,7 +493,8 @@ class CoARSTrainer:
                 pad = lambda xs: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
                     [x.to(acc.device).float() for x in xs], batch_first=True
                 )
-                student_lp, teacher_lp = pad(student), pad(teacher)
+                student_lp = pad(student)
+                teacher_lp = pad(teacher) if teacher is not None else student_lp.detach()
                 token_mask = pad([s.loss_mask for s in chunk])
                 advantages = credit_advantages(teacher_lp, student_lp, token_mask)
                 rewards = torch.tensor([s.reward for s in chunk], device=acc.device)

@@ -7,7 +7,10 @@ adapters on held-out sessions of ``--final-split``. Methods:
 - ``untrained``: the base model with fresh adapters (no step taken);
 - ``outcome``: the RL baseline of METHOD.md (every recommender turn gets +1 / -1 for the
   episode's final hit, no credit term, the user agent is not trained);
-- ``coars``: the interaction rewards plus the self-distilled credit term, both agents.
+- ``coars``: the interaction rewards plus the self-distilled credit term, both agents;
+- METHOD.md's ablations of CoARS: ``coars-no-credit`` (no self-distillation: lambda_rec =
+  lambda_user = 0), ``coars-rec-only`` and ``coars-user-only`` (only that agent's adapter
+  learns). Not run by default: pass them to ``--methods``.
 
 Outputs in ``--out-dir``: one folder per job (the trainer's logs and checkpoints, and
 ``result.json``), ``results.csv`` (one row per job), ``summary.csv`` / ``summary.md`` (mean
@@ -38,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -47,7 +50,20 @@ import tyro
 from coars_agents.coars import CoARSConfig, CoARSTrainer, load_run_data
 from coars_agents.evaluate import evaluate, plot_learning_curves
 
-Method = Literal["untrained", "outcome", "coars"]
+Method = Literal[
+    "untrained", "outcome", "coars", "coars-no-credit", "coars-rec-only", "coars-user-only"
+]
+
+METHOD_SETTINGS: dict[str, dict[str, object]] = {
+    "untrained": dict(total_steps=0, eval_every=0),
+    "outcome": dict(reward_mode="outcome"),
+    "coars": dict(reward_mode="interaction"),
+    "coars-no-credit": dict(reward_mode="interaction", credit_coef_rec=0.0, credit_coef_user=0.0),
+    "coars-rec-only": dict(reward_mode="interaction", train_agents="recommender"),
+    "coars-user-only": dict(reward_mode="interaction", train_agents="user"),
+}
+"""What each method changes in the shared trainer settings (``Args.train``)."""
+METHODS: tuple[str, ...] = get_args(Method)
 
 TABLE_METRICS = (
     ("eval/oracle/hit@1", "Hit@1"),
@@ -71,7 +87,7 @@ class Args:
     env_ids: tuple[str, ...] = ("RecDialog-synthetic",)
     """Datasets (env ids) to compare on."""
     methods: tuple[Method, ...] = ("untrained", "outcome", "coars")
-    """Methods (rows of the table)."""
+    """Methods (rows of the table): see :data:`METHOD_SETTINGS`."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One training run per seed and method (the seed drives data sampling, rollouts and
     the adapters' initialisation; the data split itself uses the trainer's default)."""
@@ -109,9 +125,7 @@ def job_config(args: Args, env_id: str, method: Method, seed: int) -> CoARSConfi
         env_id=env_id,
         seed=seed,
         output_dir=str(Path(args.out_dir) / _slug(env_id) / method / f"seed{seed}"),
-        reward_mode="outcome" if method == "outcome" else "interaction",
-        total_steps=0 if method == "untrained" else args.train.total_steps,
-        eval_every=0 if method == "untrained" else args.train.eval_every,
+        **METHOD_SETTINGS[method],  # type: ignore[arg-type]
     )
 
 

@@ -112,6 +112,26 @@ def test_merged_rollouts_train_like_adapter_rollouts(tmp_path):
         torch.testing.assert_close(fast_params[name], value, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("credit", [0.1, 0.0])
+def test_the_teacher_is_scored_only_when_its_credit_is_used(tmp_path, credit):
+    trainer = make_trainer(tmp_path, total_steps=1, credit_coef_rec=credit, credit_coef_user=credit)
+    score, passes = trainer.policy.score, []
+
+    def recording_score(*args, requires_grad=False, **kwargs):
+        passes.append("student" if requires_grad else "teacher")
+        return score(*args, requires_grad=requires_grad, **kwargs)
+
+    trainer.policy.score = recording_score
+    before = snapshot(trainer)
+    (metrics,) = trainer.train()
+    assert passes.count("student") >= 2  # both agents train
+    assert passes.count("teacher") == (passes.count("student") if credit else 0)
+    assert any(".lora_B.recommender." in n for n in changed(before, trainer))
+    if not credit:
+        assert metrics["recommender/mean_abs_credit"] == 0.0
+        assert metrics["recommender/frac_positive_credit"] == 0.0
+
+
 def test_training_one_agent_leaves_the_other_adapter_untouched(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=1, train_agents="recommender")
     before = snapshot(trainer)

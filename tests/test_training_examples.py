@@ -166,6 +166,30 @@ def test_compare_training_keeps_going_when_a_job_fails_and_retries_it(
     assert (error.parent / "result.json").is_file()
 
 
+def test_compare_training_methods_are_the_baselines_and_method_md_ablations(tmp_path):
+    example = load_example("compare_training")
+    args = example.Args(out_dir=str(tmp_path), train=CoARSConfig(total_steps=7, eval_every=2))
+    config = {m: example.job_config(args, "RecDialog-synthetic", m, 3) for m in example.METHODS}
+    assert set(config) == set(example.METHOD_SETTINGS)
+    assert (config["untrained"].total_steps, config["untrained"].eval_every) == (0, 0)
+    assert config["outcome"].reward_mode == "outcome"
+    assert config["coars"].reward_mode == "interaction"
+    assert config["coars"].credit_coef_rec == config["coars"].credit_coef_user == 0.1
+    assert config["coars-no-credit"].credit_coef_rec == 0.0
+    assert config["coars-no-credit"].credit_coef_user == 0.0
+    assert config["coars-rec-only"].trained_agents == ("recommender",)
+    assert config["coars-user-only"].trained_agents == ("user",)
+    for method, c in config.items():
+        assert c.seed == 3 and c.output_dir == str(tmp_path / "synthetic" / method / "seed3")
+        if method != "untrained":
+            assert (c.total_steps, c.eval_every) == (7, 2)
+            assert c.trained_agents == {
+                "outcome": ("recommender",),
+                "coars-rec-only": ("recommender",),
+                "coars-user-only": ("user",),
+            }.get(method, ("recommender", "user"))
+
+
 def test_t_interval_is_the_student_t_interval_over_seeds():
     example = load_example("compare_training")
     mean, low, high = example.t_interval(np.array([0.1, 0.3]))
