@@ -799,7 +799,9 @@ _ROLLOUT_METRICS = (
     "hit@1",
     "turn1_hit@1",
     "avg_turns",
+    "click_rate",  # 0: the user agent accepts nothing (the collapse seen on GPUs)
     "wrong_click_rate",
+    "repeat_rate",
     "rec_format_failure_rate",
     "user_format_failure_rate",
     "reward_rec",

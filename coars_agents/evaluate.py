@@ -483,6 +483,8 @@ CURVE_METRICS = (
     ("rollout/hit@1", "training rollouts: Hit@1 (vs LLM user)"),
     ("rollout/reward_rec", "training rollouts: recommender reward / episode"),
     ("rollout/reward_user", "training rollouts: user reward / episode"),
+    ("rollout/click_rate", "training rollouts: episodes ended by a click"),
+    ("rollout/repeat_rate", "training rollouts: repeated recommendations / turn"),
     ("eval/oracle/hit@1", "held-out: Hit@1 vs oracle user"),
 )
 """Panels of :func:`plot_learning_curves`: (``metrics.jsonl`` column, title)."""
@@ -529,8 +531,12 @@ def plot_learning_curves(
     panels = [(m, title) for m, title in metrics if m in logs.columns and logs[m].notna().any()]
     if not panels:
         raise ValueError(f"none of {[m for m, _ in metrics]} was logged in {dict(runs)}")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
-    for ax, (metric, title) in zip(axes[0], panels):
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (metric, title) in zip(axes.flat, panels):
         for i, (label, group) in enumerate(logs.groupby("label", sort=False)):
             per_run = group.dropna(subset=[metric]).pivot_table(
                 index="step", columns="run", values=metric
