@@ -28,37 +28,20 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchjson  # noqa: E402
+from bench_generation import random_smollm2  # noqa: E402
 
-from coars_agents.models import tiny_tokenizer  # noqa: E402
 from coars_agents.policy import LLMPolicy, LoraSettings, SamplingConfig  # noqa: E402
 
 
 def narrow_smollm2(width: int, device: str) -> LLMPolicy:
     """SmolLM2-135M's depth, heads and vocabulary at ``width`` (random weights), with a
     perturbed LoRA adapter ``"recommender"`` so that merging changes the weights."""
-    tokenizer = tiny_tokenizer()
-    heads = 9 if width % 9 == 0 else 4
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=width,
-        intermediate_size=max(8, width * 8 // 3),
-        num_hidden_layers=30,
-        num_attention_heads=heads,
-        num_key_value_heads=3 if heads == 9 else 2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device).eval()
+    model, tokenizer = random_smollm2(device, width)
     # EOS = an id beyond the tokenizer, which is never sampled: every row decodes to the end.
-    policy = LLMPolicy(model, tokenizer, eos_token_ids=[config.vocab_size - 1])
+    policy = LLMPolicy(model, tokenizer, eos_token_ids=[model.config.vocab_size - 1])
     policy.add_adapter("recommender", LoraSettings(r=16, alpha=32))
     with torch.no_grad():
         for p in policy.trainable_parameters("recommender"):

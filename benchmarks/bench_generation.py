@@ -77,16 +77,20 @@ def prompts(n: int) -> list[Messages]:
     return out
 
 
-def random_smollm2(device: str | None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
-    """SmolLM2-135M's architecture, random weights, the tiny test tokenizer."""
+def random_smollm2(
+    device: str | None, width: int = 576
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """SmolLM2-135M's architecture (depth, vocabulary; hidden size ``width``, 576 in the real
+    model), random weights, the tiny test tokenizer."""
     _, tokenizer = tiny_test_model()
+    heads = 9 if width % 9 == 0 else 4
     config = LlamaConfig(
         vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
+        hidden_size=width,
+        intermediate_size=max(8, width * 8 // 3),
         num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
+        num_attention_heads=heads,
+        num_key_value_heads=3 if heads == 9 else 2,
         max_position_embeddings=8192,
         rope_theta=100000.0,
         tie_word_embeddings=True,

@@ -524,7 +524,9 @@ class LLMPolicy:
             run = self._shared_literal_run(
                 [states[r] for r in active], active, completions, sampling.max_new_tokens
             )
-            step_ids = torch.cat([tokens[:, None], run.to(device)], dim=1)
+            step_ids = tokens[:, None]
+            if run:
+                step_ids = torch.cat([step_ids, torch.tensor(run, device=device)], dim=1)
             width = step_ids.shape[1]
             attention_mask = torch.cat(
                 [attention_mask, attention_mask.new_ones(len(active), width)], dim=-1
@@ -540,8 +542,8 @@ class LLMPolicy:
                 if generators is not None:  # the draw a one-token step would have spent
                     for r in active:
                         torch.rand(1, generator=generators[r], dtype=torch.float64)
-                for i, (tok, lp) in enumerate(zip(run[:, j].tolist(), token_lp[:, 0].tolist())):
-                    r = active[i]
+                for i, lp in enumerate(token_lp[:, 0].tolist()):
+                    r, tok = active[i], run[i][j]
                     completions[r].append(tok)
                     logprobs[r].append(lp)
                     forced[r].append(True)
@@ -579,18 +581,16 @@ class LLMPolicy:
         rows: list[int],
         completions: list[list[int]],
         max_new_tokens: int,
-    ) -> torch.Tensor:
-        """Literal tokens (long[b, k], k >= 0) that every row emits next: the longest common
-        length of their literal runs, short of each row's token budget (so no row finishes
-        inside the run)."""
-        k = 0
-        if self.fast_forward_literals and states and all(s is not None for s in states):
-            runs = [s.literal_run() for s in states]  # type: ignore[union-attr]
-            budget = min(max_new_tokens - len(completions[r]) - 1 for r in rows)
-            k = max(0, min([len(run) for run in runs] + [budget]))
-        if k == 0:
-            return torch.empty(len(states), 0, dtype=torch.long)
-        return torch.tensor([run[:k] for run in runs], dtype=torch.long)
+    ) -> list[tuple[int, ...]]:
+        """Literal tokens that every row emits next, one tuple per row (all of one length k),
+        or ``[]`` when k = 0: the longest common length of their literal runs, short of each
+        row's token budget (so no row finishes inside the run)."""
+        if not (self.fast_forward_literals and states and all(s is not None for s in states)):
+            return []
+        runs = [s.literal_run() for s in states]  # type: ignore[union-attr]
+        budget = min(max_new_tokens - len(completions[r]) - 1 for r in rows)
+        k = min([len(run) for run in runs] + [budget])
+        return [run[:k] for run in runs] if k > 0 else []
 
     def _step_mask(self, states: list[TemplateState | None]) -> torch.Tensor:
         """Allowed tokens per batch row (CPU bool[b, n_logits])."""
