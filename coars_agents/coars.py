@@ -643,6 +643,7 @@ class CoARSTrainer:
                 agents[USER],
                 alignment=n_users > 0,
                 n_alignment_users=n_users,
+                rank_candidates=False,  # the same turn-1 ranking as against the oracle
                 **common,
             )
         out: dict[str, float] = {"eval/sessions": float(n)}
@@ -654,8 +655,11 @@ class CoARSTrainer:
                 estimate = result.metrics[name]
                 if estimate.n > 0:  # e.g. no alignment cases: leave user_f1 out
                     out[f"eval/{opponent}/{name}"] = float(estimate.mean)
-            hits = result.episodes["hit"].to_numpy(dtype=float)
-            out[f"eval/{opponent}/hit@1_se"] = float(hits.std() / math.sqrt(max(1, len(hits))))
+            for name, column in (("hit@1", "hit"), ("turn1_target_prob", "turn1_target_prob")):
+                values = result.episodes[column].to_numpy(dtype=float)
+                values = values[~np.isnan(values)]
+                if len(values):  # the standard error the learning test's bar is measured in
+                    out[f"eval/{opponent}/{name}_se"] = float(values.std() / math.sqrt(len(values)))
         return out
 
     def _decoding_models(self) -> AbstractContextManager[None]:
@@ -810,6 +814,9 @@ _ROLLOUT_METRICS = (
 _ORACLE_EVAL_METRICS = (
     "hit@1",
     "turn1_hit@1",
+    "turn1_target_prob",
+    "hit@5",
+    "ndcg@5",
     "avg_turns",
     "rec_format_failure_rate",
     "repeat_rate",

@@ -548,3 +548,74 @@ class TemplateState:
             if cut >= 0:
                 return text[:cut]
         return text
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact distribution over a choice's options
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChoiceDecision:
+    """One sampling step with more than one allowed token, on the way to an option.
+
+    Attributes:
+        path: the choice's tokens already emitted (which trie node the step is at).
+        allowed: bool[n_logits], the tokens the constraint allows at that step.
+        taken: bool[n_logits], the allowed tokens that lead to the option: one child token,
+            or (where the option may end and a longer option continues) the tokens that start
+            the next segment.
+    """
+
+    path: tuple[int, ...]
+    allowed: torch.Tensor
+    taken: torch.Tensor
+
+
+def choice_decisions(
+    template: Template, vocab: TokenVocab, name: str
+) -> tuple[tuple[int, ...], dict[str, list[ChoiceDecision]]]:
+    """How constrained decoding of ``template`` arrives at each option of the choice ``name``.
+
+    Returns the forced tokens before the choice (only literals may precede it) and, per
+    option, its decisions in order. Steps with a single allowed token are left out: they
+    have probability 1 under the constraint. The probability of an option is the product
+    over its decisions of ``p(taken) / p(allowed)`` under the sampling distribution, which is
+    what :meth:`coars_agents.policy.LLMPolicy.choice_probabilities` computes.
+    """
+    if not any(isinstance(s, Choice) and s.name == name for s in template.segments):
+        raise ValueError(f"the template has no choice named {name!r}")
+    state = TemplateState(template, vocab)
+    prefix: list[int] = []
+    while True:
+        step = state.steps[state.index]
+        if isinstance(step.seg, Choice) and step.name == name:
+            break
+        if not isinstance(step.seg, Literal):
+            raise ValueError(f"only literals may precede the choice {name!r} in the template")
+        token = step.tokens[state.pos]
+        prefix.append(token)
+        state.advance(token)
+    index = state.index
+    decisions: dict[str, list[ChoiceDecision]] = {}
+
+    def walk(node: _TrieNode, path: tuple[int, ...], before: list[ChoiceDecision]) -> None:
+        children = vocab.mask_of(list(node.children))
+        end = torch.zeros_like(children)
+        if node.option is not None and node.children:
+            # The option may end here: the next segment's first tokens end it, unless they
+            # also continue a longer option (TemplateState.advance prefers continuing).
+            following = state._start_mask(index + 1, {**state.fields, name: node.option})
+            end = following & ~children
+        allowed = children | end
+        branching = int(allowed.sum()) > 1
+        if node.option is not None:
+            # With children, ending is a decision (of probability 0 if no token ends it).
+            ending = [ChoiceDecision(path, allowed, end)] if node.children else []
+            decisions[node.option] = before + ending
+        for token, child in node.children.items():
+            step = [ChoiceDecision(path, allowed, vocab.mask_of([token]))] if branching else []
+            walk(child, (*path, token), before + step)
+
+    walk(state.node, (), [])
+    return tuple(prefix), decisions

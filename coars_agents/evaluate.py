@@ -20,10 +20,19 @@ proportions, normal approximation for means, see ``coars_env.metrics``):
 - Hit@1 (the final recommendation is the target), turn-1 Hit@1, the cumulative hit rate
   by turn, average turns, click rate, wrong-click rate (an episode ended by a click on a
   non-target), recommender / user format-failure and repeat rates, summed rewards;
-- Hit@5/10 and NDCG@5/10 of a full ranking of the candidates, **only for the scripted
-  recommenders**: their ranking is the order in which they would recommend every candidate
-  to a user who never clicks (for ``"random"``: a random permutation). An LLM recommender
-  names one item per turn and produces no ranking: these rows are NaN (n = 0);
+- Hit@5/10 and NDCG@5/10 of a full ranking of the candidates. A scripted recommender's
+  ranking is the order in which it would recommend every candidate to a user who never
+  clicks (for ``"random"``: a random permutation). An LLM recommender with constrained
+  decoding ranks the candidates by the exact probability that its turn-1 answer names each
+  one (:meth:`coars_agents.policy.LLMPolicy.choice_probabilities`, at its sampling temperature
+  and top-p; at temperature 1 for a greedy agent: the model's own distribution), as
+  likelihood-ranking LLM recommenders do. Its mean probability of the target,
+  ``turn1_target_prob``, is the expected turn-1 Hit@1 of sampling from it: the same
+  quantity as turn-1 Hit@1 without the sampling noise, so a far smaller evaluation set
+  resolves a change. These rows come from one pass over the sessions (the turn-1 prompt
+  depends on neither the seed nor the user), so their n is the number of sessions;
+  ``rank_candidates=False`` skips that pass. Unconstrained LLM recommenders and other
+  callables get NaN rows (n = 0);
 - for an LLM user agent (``alignment=True``): precision, recall and F1 of its accept
   decisions (click or star) on the split's alignment sets
   (:func:`coars_env.metrics.evaluate_user_alignment`; the user LLM runs over all items in
@@ -63,7 +72,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from coars_agents.rollout import Agent, Episode, LLMAgent, rollout
+from coars_agents.rollout import Agent, Episode, LLMAgent, fit_prompt, rollout
 from coars_env.agents import (
     GenreRecommender,
     OracleUser,
@@ -106,6 +115,7 @@ __all__ = [
     "read_training_logs",
     "resolve_adapter_dir",
     "run",
+    "turn1_choice_ranking",
 ]
 
 AgentSpec = str | Agent
@@ -119,6 +129,7 @@ NAN = Estimate(math.nan, math.nan, math.nan, 0)
 METRIC_ORDER = (
     "hit@1",
     "turn1_hit@1",
+    "turn1_target_prob",
     "hit@5",
     "hit@10",
     "ndcg@5",
@@ -318,6 +329,67 @@ def target_rank(agent: Callable[[Mapping[str, Any]], int], session: Session) -> 
     return scripted_ranking(agent, session).index(session.candidates.index(session.target))
 
 
+def turn1_choice_ranking(
+    agent: LLMAgent,
+    data: DialogData,
+    config: EnvConfig,
+    session_ids: Sequence[int],
+    batch_size: int = 32,
+    *,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """An LLM recommender's turn-1 choice distribution over the candidates, per session.
+
+    Each session's turn-1 prompt (the one the rollout renders, shortened by the same rule)
+    goes through :meth:`~coars_agents.policy.LLMPolicy.choice_probabilities` with the
+    agent's answer template, ``batch_size`` prompts at a time. Temperature and top-p are the
+    agent's, or 1 for a greedy agent. Candidates are ranked by probability (ties: the
+    earlier position first).
+
+    Returns one row per session: ``session_id``, ``target_rank`` (0-based rank of the target),
+    ``target_prob`` (its probability) and ``top_prob`` (the largest probability).
+    """
+    if not agent.constrained:
+        raise ValueError("ranking by choice probability needs a constrained LLM recommender")
+    greedy = agent.sampling.greedy or agent.sampling.temperature == 0
+    temperature = 1.0 if greedy else agent.sampling.temperature
+    top_p = 1.0 if greedy else agent.sampling.top_p
+    rows = []
+    venvs: dict[int, VectorRecDialogEnv] = {}
+    for chunk in tqdm(
+        _chunks(list(session_ids), batch_size), desc="turn-1 ranking", disable=not progress
+    ):
+        if len(chunk) not in venvs:
+            venvs[len(chunk)] = VectorRecDialogEnv(data, config, len(chunk))
+        venv = venvs[len(chunk)]
+        venv.reset(seed=0, options=[{"session_id": s} for s in chunk])
+        budget = agent.sampling.max_new_tokens
+        prompts = [agent.policy.render(fit_prompt(env, agent.policy, budget)) for env in venv.envs]
+        n_candidates = len(data.sessions[chunk[0]].candidates)
+        distributions = agent.policy.choice_probabilities(
+            prompts,
+            agent.template(n_candidates),
+            "item",
+            adapter=agent.adapter,
+            temperature=temperature,
+            top_p=top_p,
+        )
+        for session_id, probs in zip(chunk, distributions):
+            session = data.sessions[session_id]
+            p = np.array([probs.get(str(k + 1), 0.0) for k in range(len(session.candidates))])
+            order = np.argsort(-p, kind="stable")
+            position = session.candidates.index(session.target)
+            rows.append(
+                {
+                    "session_id": int(session_id),
+                    "target_rank": int(np.flatnonzero(order == position)[0]),
+                    "target_prob": float(p[position]),
+                    "top_prob": float(p.max()),
+                }
+            )
+    return pd.DataFrame(rows, columns=["session_id", "target_rank", "target_prob", "top_prob"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Chance levels
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +404,7 @@ def chance_levels(
     out = {
         "hit@1": random_recommender_hit_rate(C, T),
         "turn1_hit@1": random_turn1_hit_rate(C),
+        "turn1_target_prob": random_turn1_hit_rate(C),
         "avg_turns": float(sum(1.0 - (t - 1) / C for t in range(1, min(T, C) + 1))),
         "click_rate": random_recommender_hit_rate(C, T),
         "wrong_click_rate": 0.0,
@@ -404,9 +477,10 @@ class EvalResult:
         lines += [
             "",
             "Chance: a never-repeating random recommender against a user who clicks only the "
-            "target; for user_*: an always-accept user. NDCG/Hit@k are NaN for LLM "
-            "recommenders (they name one item per turn, no ranking); user_* are NaN for "
-            "scripted users.",
+            "target; for user_*: an always-accept user. An LLM recommender's Hit@k / NDCG@k "
+            "rank the candidates by the probability that its turn-1 answer names them, and "
+            "turn1_target_prob is its mean probability of the target (the expected turn-1 "
+            "Hit@1), both over sessions; user_* are NaN for scripted users.",
             "",
             "## Hit rate by turn (target recommended by turn t)",
             "",
@@ -620,6 +694,7 @@ def evaluate(
     subset_seed: int = 0,
     name: str | None = None,
     progress: bool = True,
+    rank_candidates: bool = True,
 ) -> EvalResult:
     """Evaluate a recommender / user pair on one split (metrics: see the module doc).
 
@@ -641,6 +716,9 @@ def evaluate(
         subset_seed: seed of the session and alignment subsets.
         name: label of the result (default ``"<recommender> vs <user>"``).
         progress: tqdm bars.
+        rank_candidates: rank the candidates (Hit@k, NDCG@k; for a constrained LLM
+            recommender also ``turn1_target_prob``, at the cost of one extra prefill per
+            session); False leaves those rows NaN.
     """
     start = time.perf_counter()
     if batch_size < 1:
@@ -659,6 +737,11 @@ def evaluate(
 
     logger = TrajectoryLogger(Path(log_dir) / "trajectories.jsonl") if log_dir else None
     venvs: dict[int, VectorRecDialogEnv] = {}
+    llm_ranking = None
+    if rank_candidates and isinstance(recommender, LLMAgent) and recommender.constrained:
+        llm_ranking = turn1_choice_ranking(
+            recommender, data, config, session_ids, batch_size, progress=progress
+        ).set_index("session_id")
     turn_rows: list[dict[str, Any]] = []
     episode_rows: list[dict[str, Any]] = []
     next_id = 0
@@ -675,7 +758,7 @@ def evaluate(
             # episode's random stream.
             ranker = (
                 make_scripted(recommender, RECOMMENDER, data, seed + 1)
-                if isinstance(recommender, str)
+                if isinstance(recommender, str) and rank_candidates
                 else None
             )
             for c, chunk in enumerate(_chunks(session_ids, batch_size)):
@@ -695,11 +778,14 @@ def evaluate(
                     turn_rows += records
                     summary = summarize_episode(records)
                     summary["seed"] = seed
-                    summary["target_rank"] = (
-                        target_rank(ranker, data.sessions[ep.session_id])
-                        if ranker is not None
-                        else math.nan
-                    )
+                    summary["target_rank"] = math.nan
+                    summary["turn1_target_prob"] = math.nan
+                    if ranker is not None:
+                        summary["target_rank"] = target_rank(ranker, data.sessions[ep.session_id])
+                    elif llm_ranking is not None:
+                        choice = llm_ranking.loc[ep.session_id]
+                        summary["target_rank"] = int(choice["target_rank"])
+                        summary["turn1_target_prob"] = float(choice["target_prob"])
                     episode_rows.append(summary)
                 bar.update(len(chunk))
     finally:
@@ -709,7 +795,11 @@ def evaluate(
 
     episodes_df = pd.DataFrame(episode_rows)
     metrics = recommendation_metrics(episodes_df)
-    metrics.update(_ranking_metrics(episodes_df["target_rank"].to_numpy(dtype=float)))
+    if llm_ranking is not None:  # one ranking per session, whatever the seeds
+        metrics.update(_ranking_metrics(llm_ranking["target_rank"].to_numpy(dtype=float)))
+        metrics["turn1_target_prob"] = mean_ci(llm_ranking["target_prob"].to_numpy(dtype=float))
+    else:
+        metrics.update(_ranking_metrics(episodes_df["target_rank"].to_numpy(dtype=float)))
 
     align, decisions = None, None
     if alignment and isinstance(user, LLMAgent) and data.alignment:

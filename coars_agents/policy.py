@@ -58,7 +58,7 @@ from peft import (
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from coars_agents.constrained import Template, TemplateState, TokenVocab
+from coars_agents.constrained import Template, TemplateState, TokenVocab, choice_decisions
 
 Messages = list[dict[str, str]]
 """A chat prompt: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``."""
@@ -708,6 +708,92 @@ class LLMPolicy:
             logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
         ).view(n, c_width)
         return [logprobs[i, : len(c)] for i, c in enumerate(completions)]
+
+    def choice_probabilities(
+        self,
+        prompt_ids_list: Sequence[Sequence[int]],
+        template: Template,
+        name: str,
+        *,
+        adapter: AdapterArg = ACTIVE,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[dict[str, float]]:
+        """The exact probability of each option of the choice ``name``, per prompt, under
+        constrained sampling of ``template`` at ``temperature`` and ``top_p``.
+
+        It is the distribution :meth:`generate` draws that choice from (the constraint mask,
+        then temperature, then top-p, at every step; see
+        :func:`coars_agents.constrained.choice_decisions`), computed without sampling: e.g.
+        the recommender's distribution over the candidates, for a full ranking and an
+        expected Hit@1 with no sampling noise. Only literals may precede the choice.
+
+        Cost: one prefill per prompt, then one extra row per trie node where the choice
+        branches (3 for candidates "1".."20" with digit-level tokenizers), which share the
+        prompt's KV cache: memory grows with ``max_batch_size`` x branching nodes.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        prefix, decisions = choice_decisions(template, self.vocab, name)
+        paths = sorted({d.path for ds in decisions.values() for d in ds})
+        prompts = [list(map(int, p)) + list(prefix) for p in prompt_ids_list]
+        if any(len(p) == len(prefix) for p in prompts):
+            raise ValueError("prompts must be non-empty")
+        out: list[dict[str, float]] = []
+        with self._adapter_scope(adapter), torch.no_grad():
+            for rows in self._chunks(len(prompts)):
+                logits = self._node_logits([prompts[i] for i in rows], paths)
+                node_of = {p: k for k, p in enumerate(paths)}
+                for r in range(len(rows)):
+                    probs = {}
+                    for option, steps in decisions.items():
+                        logp = 0.0
+                        for d in steps:
+                            scores = logits[r, node_of[d.path]].masked_fill(
+                                ~d.allowed.to(logits.device), -math.inf
+                            )
+                            scores = scores / temperature
+                            if top_p < 1.0:
+                                scores = _top_p_filter(scores[None], top_p)[0]
+                            lp = torch.log_softmax(scores.double(), -1)
+                            logp += float(torch.logsumexp(lp[d.taken.to(lp.device)], 0))
+                        probs[option] = math.exp(logp)
+                    out.append(probs)
+        return out
+
+    def _node_logits(self, prompts: list[list[int]], paths: list[tuple[int, ...]]) -> torch.Tensor:
+        """Float logits (len(prompts), len(paths), n_logits) of the next token after each
+        prompt followed by each path; the prompts are prefilled once and their KV cache is
+        shared by their paths."""
+        device, n, k = self.device, len(prompts), len(paths)
+        ids, mask = (t.to(device) for t in self._pad_prompts(prompts))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        module = self._merged.get(self._active) if self._active is not None else None
+        root = self._forward(ids, mask, positions, cache, logits_to_keep=1, module=module)
+        out = root[:, -1].float()[:, None].repeat(1, k, 1)
+        longer = [j for j, p in enumerate(paths) if p]
+        if not longer:
+            return out
+        width = max(len(paths[j]) for j in longer)
+        # Row (prompt i, path j) for every non-empty path, each path right-padded to width.
+        expand = torch.arange(n, device=device).repeat_interleave(len(longer))
+        cache.batch_select_indices(expand)
+        step_ids = torch.full((len(longer), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        step_mask = torch.zeros_like(step_ids)
+        for row, j in enumerate(longer):
+            step_ids[row, : len(paths[j])] = torch.tensor(paths[j])
+            step_mask[row, : len(paths[j])] = 1
+        step_ids, step_mask = step_ids.repeat(n, 1).to(device), step_mask.repeat(n, 1).to(device)
+        attention = torch.cat([mask[expand], step_mask], dim=-1)
+        step_positions = positions[expand, -1:] + 1 + torch.arange(width, device=device)
+        logits = self._forward(
+            step_ids, attention, step_positions, cache, logits_to_keep=width, module=module
+        ).float()
+        last = torch.tensor([len(paths[j]) - 1 for j in longer], device=device).repeat(n)
+        picked = logits[torch.arange(len(last), device=device), last]
+        out[:, longer] = picked.view(n, len(longer), -1)
+        return out
 
     # ------------------------------------------------------------------------------------------
     # Adapters

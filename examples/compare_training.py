@@ -68,13 +68,17 @@ METHODS: tuple[str, ...] = get_args(Method)
 TABLE_METRICS = (
     ("eval/oracle/hit@1", "Hit@1"),
     ("eval/oracle/turn1_hit@1", "turn-1 Hit@1"),
+    ("eval/oracle/turn1_target_prob", "turn-1 P(target)"),
+    ("eval/oracle/ndcg@5", "NDCG@5"),
     ("eval/llm/hit@1", "Hit@1 (LLM user)"),
     ("eval/llm/user_f1", "user F1"),
     ("eval/llm/wrong_click_rate", "wrong-click rate"),
     ("eval/oracle/rec_format_failure_rate", "rec. format failures"),
     ("eval/llm/user_format_failure_rate", "user format failures"),
 )
-"""(result key, column name) of the summary table; Hit@1 is against the oracle user."""
+"""(result key, column name) of the summary table; Hit@1 is against the oracle user. turn-1
+P(target) (the expected turn-1 Hit@1) and NDCG@5 come from the recommender's exact turn-1
+choice distribution (``coars_agents.evaluate.turn1_choice_ranking``)."""
 
 # Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); 1.96 beyond.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -287,7 +291,7 @@ def reference_result(args: Args, env_id: str, name: str) -> dict:
     )
     row = {"env_id": env_id, "method": f"ref:{name}", "seed": 0, "steps": 0}
     row |= {"train_seconds": 0.0, "eval_seconds": result.config["seconds"], "eval/sessions": n}
-    for metric in ("hit@1", "turn1_hit@1", "rec_format_failure_rate"):
+    for metric in ("hit@1", "turn1_hit@1", "ndcg@5", "rec_format_failure_rate"):
         row[f"eval/oracle/{metric}"] = float(result[metric].mean)
     return row
 

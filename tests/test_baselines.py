@@ -91,7 +91,8 @@ def test_zero_shot_end_to_end(policy, generate_calls):
     assert (r.episodes["turns"] == 1).all()
     assert r["hit@1"].mean == r["turn1_hit@1"].mean == r["click_rate"].mean
     assert r["rec_format_failure_rate"].mean == 0.0 and r["wrong_click_rate"].mean == 0.0
-    assert math.isnan(r["ndcg@10"].mean) and math.isnan(r["user_f1"].mean)
+    assert r["ndcg@10"].n == r["turn1_target_prob"].n == 4  # ranked by choice probability
+    assert math.isnan(r["user_f1"].mean)
     assert r.chance["hit@1"] == 0.05  # one recommendation out of 20
 
     with_llm_user = zero_shot(policy, user="llm", reason_tokens=4)

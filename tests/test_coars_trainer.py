@@ -299,6 +299,11 @@ def test_evaluate_reports_hit_rates_and_user_alignment_deterministically(tmp_pat
     # The oracle user clicks only the target: a session ends early only on a hit.
     assert first["eval/oracle/avg_turns"] >= 1.0
     assert "eval/llm/user_f1" in first and 0.0 <= first["eval/llm/user_f1"] <= 1.0
+    # The turn-1 choice distribution is scored once, against the oracle user only.
+    assert 0.0 < first["eval/oracle/turn1_target_prob"] < 1.0
+    assert first["eval/oracle/turn1_target_prob_se"] > 0.0
+    assert {"eval/oracle/hit@5", "eval/oracle/ndcg@5"} <= first.keys()
+    assert not any(k.startswith("eval/llm/turn1_target_prob") for k in first)
     # Greedy evaluation is deterministic, and fresh adapters (LoRA B = 0) act like the base.
     assert trainer.evaluate() == first
     assert trainer.evaluate(use_adapters=False) == first

@@ -23,11 +23,14 @@ from coars_agents.evaluate import (
     resolve_adapter_dir,
     scripted_ranking,
     select_sessions,
+    turn1_choice_ranking,
 )
 from coars_agents.policy import LLMPolicy, SamplingConfig
-from coars_agents.rollout import LLMAgent
+from coars_agents.rollout import LLMAgent, fit_prompt
 from coars_env.agents import PopularityRecommender, SessionIndex
+from coars_env.dialog.config import EnvConfig
 from coars_env.logs import read_trajectories
+from coars_env.vector import VectorRecDialogEnv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,6 +195,41 @@ def test_adapter_checkpoint_acts_like_its_weights(tiny, tmp_path):
     with_adapter = evaluate(tiny, agent, "oracle", **kw)
     without = evaluate(tiny, base, "oracle", **kw)
     assert list(with_adapter.turns["rec_text"]) == list(without.turns["rec_text"])
+
+
+def test_llm_recommender_ranks_candidates_by_its_turn1_choice_probabilities(tiny, policy):
+    agent = LLMAgent(policy, "recommender", sampling=GREEDY, reason_tokens=4)
+    env = {**SHORT_PROMPTS, "max_turns": 2}
+    r = evaluate(tiny, agent, "oracle", seeds=(0, 1), env_overrides=env, progress=False)
+    config = EnvConfig(**env).replace(render_prompts=False, reveal_target=True)
+    ranking = turn1_choice_ranking(agent, tiny, config, range(5), batch_size=2)
+    assert list(ranking["session_id"]) == [0, 1, 2, 3, 4]
+    # One ranking per session, however many seeds were played.
+    assert r["turn1_target_prob"].n == r["hit@5"].n == r["ndcg@10"].n == 5
+    assert r["turn1_target_prob"].mean == pytest.approx(ranking["target_prob"].mean())
+    ranks = ranking["target_rank"].to_numpy()
+    assert r["hit@5"].mean == pytest.approx((ranks < 5).mean())
+    assert r["ndcg@5"].mean == pytest.approx(np.where(ranks < 5, 1 / np.log2(ranks + 2), 0).mean())
+    assert ((ranks == 0) == (ranking["target_prob"] == ranking["top_prob"])).all()
+    assert (ranking["target_prob"] > 0).all()
+    # The tiny tokenizer has one token per candidate number, so the greedy first pick is the
+    # most probable candidate: turn-1 hits are exactly the sessions ranked first.
+    episodes = r.episodes.merge(ranking, on="session_id")
+    assert (episodes["first_turn_hit"] == (episodes["target_rank_y"] == 0)).all()
+    assert r.chance["turn1_target_prob"] == 0.05
+    # The same numbers as the policy's own choice_probabilities on the turn-1 prompt.
+    venv = VectorRecDialogEnv(tiny, config, 1)
+    venv.reset(seed=0, options=[{"session_id": 3}])
+    prompt = policy.render(fit_prompt(venv.envs[0], policy, GREEDY.max_new_tokens))
+    (probs,) = policy.choice_probabilities([prompt], agent.template(20), "item")
+    position = tiny.sessions[3].candidates.index(tiny.sessions[3].target)
+    assert ranking.loc[3, "target_prob"] == pytest.approx(probs[str(position + 1)])
+
+    skipped = evaluate(
+        tiny, agent, "oracle", env_overrides=env, progress=False, rank_candidates=False
+    )
+    assert skipped["turn1_target_prob"].n == skipped["hit@5"].n == 0
+    assert list(skipped.episodes["hit"]) == list(r.episodes[r.episodes["seed"] == 0]["hit"])
 
 
 # ------------------------------------------------------------------------------ outputs, CLI

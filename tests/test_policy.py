@@ -9,7 +9,15 @@ import re
 import pytest
 import torch
 
-from coars_agents.constrained import TemplateState, recommender_template, user_template
+from coars_agents.constrained import (
+    Choice,
+    Free,
+    Literal,
+    Template,
+    TemplateState,
+    recommender_template,
+    user_template,
+)
 from coars_agents.models import tiny_test_model
 from coars_agents.policy import (
     Generation,
@@ -532,3 +540,109 @@ def test_smollm2_constrained_answers():
     for g, lp in zip(rec + user, rescore(policy, rec + user)):
         torch.testing.assert_close(g.logprobs, lp.cpu(), atol=LOGPROB_ATOL_FP32, rtol=0)
     print([g.text for g in rec + user])
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact distribution over a choice's options
+# ----------------------------------------------------------------------------------------------
+
+# " 7" / " 77" / " 777" and " do" / " dog" end where a longer option continues (tiny tokenizer)
+PICK_OPTIONS = ("7", "77", "777", "cat", "cats", "do", "dog", "dogs", "zebra")
+
+
+def pick_template(next_literal: bool) -> Template:
+    if next_literal:
+        return Template.from_format(
+            "Pick: {x}\nWhy: {r}", x=Choice(PICK_OPTIONS), r=Free(2, stop=None)
+        )
+    return Template((Literal("Pick:"), Choice(PICK_OPTIONS, "x"), Free(2, stop=None, name="r")))
+
+
+def reference_choice_probs(policy, prompt_ids, template, name, temperature, top_p):
+    """Token by token through TemplateState, one full forward pass per step (no KV cache):
+    the product of the masked, tempered, top-p filtered probabilities of the option's tokens,
+    then of the next literal's first token where the option could continue."""
+    from coars_agents.policy import _top_p_filter
+
+    probs = {}
+    for option in PICK_OPTIONS:
+        state = TemplateState(template, policy.vocab)
+        seq, logp = list(prompt_ids), 0.0
+        path = [*policy.vocab.encode("Pick:"), *policy.vocab.encode(" " + option)]
+        while name not in state.fields:
+            if not path:  # the option is complete but may continue: end it
+                path = [state.steps[state.index + 1].tokens[0]]
+            token = path.pop(0)
+            logits = policy.lm(torch.tensor([seq], device=policy.device)).logits[0, -1].double()
+            scores = logits.masked_fill(~state.allowed().to(logits.device), -math.inf)
+            scores = _top_p_filter((scores / temperature)[None], top_p)[0]
+            logp += float(torch.log_softmax(scores, -1)[token])
+            state.advance(token)
+            seq.append(token)
+        probs[option] = math.exp(logp)
+    return probs
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+def test_choice_probabilities_equal_the_token_by_token_product(policy64, temperature, top_p):
+    template = pick_template(next_literal=True)
+    prompts = [policy64.render(m) for m in PROMPTS]
+    exact = policy64.choice_probabilities(
+        prompts, template, "x", temperature=temperature, top_p=top_p
+    )
+    for prompt, probs in zip(prompts, exact):
+        expected = reference_choice_probs(policy64, prompt, template, "x", temperature, top_p)
+        assert probs.keys() == expected.keys()
+        for option in PICK_OPTIONS:
+            assert probs[option] == pytest.approx(
+                expected[option], rel=1e-6, abs=1e-9
+            )  # fp32 logits
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-9)
+    if top_p < 1.0:  # top-p removes unlikely options altogether
+        assert any(p == 0.0 for probs in exact for p in probs.values())
+
+
+def test_choice_probabilities_are_what_sampling_draws(policy64):
+    # A free segment right after the choice: "the option ends" is a set of tokens there.
+    template = pick_template(next_literal=False)
+    prompt = policy64.render(PROMPTS[1])
+    (probs,) = policy64.choice_probabilities([prompt], template, "x", temperature=0.8)
+    n = 4000
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.8, seed=4)
+    gens = policy64.generate_ids([prompt] * n, sampling=sampling, constraint=template)
+    counts = {o: 0 for o in PICK_OPTIONS}
+    for g in gens:
+        counts[g.fields["x"]] += 1
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-9)
+    for option, p in probs.items():
+        se = math.sqrt(p * (1 - p) / n)
+        assert abs(counts[option] / n - p) <= 4.5 * se + 1e-9, (option, counts[option], p)
+
+
+def test_choice_probabilities_of_the_recommender_template(policy):
+    prompts = [policy.render(m) for m in PROMPTS]
+    template = recommender_template(20, 4, exclude=(3, 7))
+    chunked = LLMPolicy(policy.model, policy.tokenizer, max_batch_size=2)
+    for probs in (
+        policy.choice_probabilities(prompts, template, "item"),
+        chunked.choice_probabilities(prompts, template, "item"),
+    ):
+        assert [sorted(p, key=int) for p in probs] == [
+            [str(i) for i in range(1, 21) if i not in (3, 7)]
+        ] * len(prompts)
+        assert all(sum(p.values()) == pytest.approx(1.0, abs=1e-5) for p in probs)
+    one = policy.choice_probabilities(prompts, template, "item")
+    two = chunked.choice_probabilities(prompts, template, "item")
+    for a, b in zip(one, two):
+        assert a == pytest.approx(b, abs=1e-6), "chunking changes nothing"
+
+
+def test_choice_decisions_need_literals_before_the_choice(policy):
+    from coars_agents.constrained import choice_decisions
+
+    with pytest.raises(ValueError, match="only literals"):
+        choice_decisions(Template((Free(2, name="r"), Choice(("a", "b"), "x"))), policy.vocab, "x")
+    with pytest.raises(ValueError, match="no choice named 'y'"):
+        choice_decisions(pick_template(True), policy.vocab, "y")
+    with pytest.raises(ValueError, match="temperature"):
+        policy.choice_probabilities([[1, 2]], pick_template(True), "x", temperature=0)
