@@ -56,6 +56,7 @@ from coars_agents.hindsight import recommender_reference, user_reference, with_r
 from coars_agents.policy import LLMPolicy, LoraSettings, SamplingConfig
 from coars_agents.rollout import AgentTurn, Episode, LLMAgent, rollout
 from coars_env.data.common import DialogData
+from coars_env.dialog.config import EnvConfig
 from coars_env.dialog.env import RECOMMENDER, USER
 from coars_env.logs import summarize_episode
 from coars_env.metrics import recommendation_metrics
@@ -140,6 +141,13 @@ class CoARSConfig:
     recommendation hits, else -1; no credit term; the user agent is not trained."""
     group_normalise: bool = False
     """GRPO-style: normalise each agent's turn rewards within the rollouts of a session."""
+    group_std: bool = True
+    """With ``group_normalise``: also divide by the group's standard deviation (GRPO).
+    ``--no-group-std`` only subtracts the group mean (Dr. GRPO). Why it matters here: with
+    interaction rewards, a group in which every rollout misses differs only by the user
+    agent's acceptance scores (e.g. -0.90 vs -0.95), and dividing by that small spread turns
+    score noise into rewards of size 1 that drown the credit term (lambda |A| <= 0.1).
+    Outcome rewards (+-1) have no such spread: an all-miss group gets 0 either way."""
     train_agents: Literal["both", "recommender", "user"] = "both"
     """Which adapters learn (the ablations train one)."""
     exclude_miss_positive: Literal["user", "both"] = "user"
@@ -186,6 +194,12 @@ class CoARSConfig:
     eval_alignment_users: int = 8
     """Users of the eval split whose alignment sets (20 items each) the user agent judges
     for precision / recall / F1 at every evaluation (0: skip)."""
+    rank_every: int = 0
+    """Every N steps (and before the first), log the recommender's exact turn-1 choice
+    distribution on the ``eval_sessions`` held-out sessions (:meth:`CoARSTrainer.rank_turn1`:
+    ``eval/turn1_target_prob``, the expected turn-1 Hit@1, and NDCG@5 / Hit@5): one prefill
+    per session and no dialogue, so a cheap, low-noise learning curve of the first choice
+    (0: only with the full evaluations)."""
     checkpoint_every: int = 10
     """Save a checkpoint every N steps (and at the end)."""
     keep_last: int = 2
@@ -210,6 +224,8 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if min(self.eval_every, self.rank_every, self.checkpoint_every - 1) < 0:
+            raise ValueError("eval_every and rank_every must be >= 0, checkpoint_every >= 1")
         user_rate = self.user_learning_rate
         if self.learning_rate <= 0 or (user_rate is not None and user_rate <= 0):
             raise ValueError("learning rates must be > 0")
@@ -417,6 +433,7 @@ class CoARSTrainer:
                     normalised = group_normalise(
                         torch.tensor([s.reward for s in members]),
                         torch.tensor([s.session_id for s in members]),
+                        scale=cfg.group_std,
                     )
                     for s, r in zip(members, normalised.tolist()):
                         s.reward = r
@@ -636,17 +653,27 @@ class CoARSTrainer:
             progress=False,
         )
         with self._decoding_models() if use_adapters else nullcontext():
-            vs_oracle = evaluate(data, agents[RECOMMENDER], "oracle", alignment=False, **common)
+            vs_oracle = evaluate(
+                data,
+                agents[RECOMMENDER],
+                "oracle",
+                alignment=False,
+                rank_candidates=False,
+                **common,
+            )
             vs_llm = evaluate(
                 data,
                 agents[RECOMMENDER],
                 agents[USER],
                 alignment=n_users > 0,
                 n_alignment_users=n_users,
-                rank_candidates=False,  # the same turn-1 ranking as against the oracle
+                rank_candidates=False,
                 **common,
             )
         out: dict[str, float] = {"eval/sessions": float(n)}
+        out.update(
+            self.rank_turn1(n, use_adapters=use_adapters, data=data, subset_seed=subset_seed)
+        )
         for opponent, result, names in (
             ("oracle", vs_oracle, _ORACLE_EVAL_METRICS),
             ("llm", vs_llm, _LLM_EVAL_METRICS),
@@ -655,12 +682,45 @@ class CoARSTrainer:
                 estimate = result.metrics[name]
                 if estimate.n > 0:  # e.g. no alignment cases: leave user_f1 out
                     out[f"eval/{opponent}/{name}"] = float(estimate.mean)
-            for name, column in (("hit@1", "hit"), ("turn1_target_prob", "turn1_target_prob")):
-                values = result.episodes[column].to_numpy(dtype=float)
-                values = values[~np.isnan(values)]
-                if len(values):  # the standard error the learning test's bar is measured in
-                    out[f"eval/{opponent}/{name}_se"] = float(values.std() / math.sqrt(len(values)))
+            hits = result.episodes["hit"].to_numpy(dtype=float)
+            out[f"eval/{opponent}/hit@1_se"] = float(hits.std() / math.sqrt(max(1, len(hits))))
         return out
+
+    def rank_turn1(
+        self,
+        n_sessions: int | None = None,
+        *,
+        use_adapters: bool = True,
+        data: DialogData | None = None,
+        subset_seed: int | None = None,
+    ) -> dict[str, float]:
+        """The recommender's exact turn-1 choice distribution on held-out sessions (the same
+        seeded subset as :meth:`evaluate`), through
+        :func:`coars_agents.evaluate.turn1_choice_ranking`: ``eval/turn1_target_prob`` (mean
+        probability of the target: the expected turn-1 Hit@1 at temperature 1) with its
+        standard error, ``eval/hit@5``, ``eval/ndcg@5`` and ``eval/target_rank`` (mean 0-based
+        rank). No dialogue is played, so neither the user agent nor repeats play a part."""
+        from coars_agents.evaluate import select_sessions, turn1_choice_ranking
+
+        cfg = self.config
+        data = data or self.eval_data
+        n = min(n_sessions or cfg.eval_sessions, len(data.sessions))
+        sessions = select_sessions(
+            len(data.sessions), n, cfg.seed if subset_seed is None else subset_seed
+        )
+        agent = self.agents(greedy=True, use_adapters=use_adapters)[RECOMMENDER]
+        env_config = EnvConfig(**self.env_kwargs).replace(render_prompts=False)
+        with self._decoding_models() if use_adapters else nullcontext():
+            ranking = turn1_choice_ranking(agent, data, env_config, sessions, cfg.eval_batch_size)
+        probs = ranking["target_prob"].to_numpy(dtype=float)
+        ranks = ranking["target_rank"].to_numpy(dtype=float)
+        return {
+            "eval/turn1_target_prob": float(probs.mean()),
+            "eval/turn1_target_prob_se": float(probs.std() / math.sqrt(len(probs))),
+            "eval/hit@5": float((ranks < 5).mean()),
+            "eval/ndcg@5": float(np.where(ranks < 5, 1.0 / np.log2(ranks + 2.0), 0.0).mean()),
+            "eval/target_rank": float(ranks.mean()),
+        }
 
     def _decoding_models(self) -> AbstractContextManager[None]:
         """Merged per-adapter copies for decoding when ``merged_rollouts`` is set."""
@@ -740,9 +800,14 @@ class CoARSTrainer:
             disable=not self.accelerator.is_main_process,
         )
         started = time.monotonic()
+        if cfg.rank_every and self.step == 0 and self.step < cfg.total_steps:
+            self._log({"step": 0.0, **self.rank_turn1()})  # where the learning curve starts
         while self.step < cfg.total_steps:
             metrics = self.train_step()
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            full_eval = cfg.eval_every and self.step % cfg.eval_every == 0
+            if cfg.rank_every and self.step % cfg.rank_every == 0 and not full_eval:
+                metrics.update(self.rank_turn1())  # (a full evaluation includes it)
+            if full_eval:
                 metrics.update(self.evaluate())
                 hit = metrics["eval/oracle/hit@1"]
                 if hit > self.best_hit:
@@ -814,9 +879,6 @@ _ROLLOUT_METRICS = (
 _ORACLE_EVAL_METRICS = (
     "hit@1",
     "turn1_hit@1",
-    "turn1_target_prob",
-    "hit@5",
-    "ndcg@5",
     "avg_turns",
     "rec_format_failure_rate",
     "repeat_rate",

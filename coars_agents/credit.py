@@ -69,8 +69,11 @@ def coars_policy_loss(
     return -(per_turn * turn_mask).sum() / n_turns + logprobs.sum() * 0.0
 
 
-def group_normalise(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO-style option: (R - mean_group) / (std_group + eps) within each group id.
+def group_normalise(
+    rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6, scale: bool = True
+) -> torch.Tensor:
+    """GRPO-style option: (R - mean_group) / (std_group + eps) within each group id;
+    ``scale=False``: R - mean_group only (Dr. GRPO).
 
     Groups of size one get 0 (no baseline to compare with).
     """
@@ -80,7 +83,8 @@ def group_normalise(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e
         values = rewards[members].float()
         if values.numel() < 2:
             continue
-        out[members] = (values - values.mean()) / (values.std(unbiased=False) + eps)
+        centred = values - values.mean()
+        out[members] = centred / (values.std(unbiased=False) + eps) if scale else centred
     return out
 
 

@@ -560,6 +560,7 @@ CURVE_METRICS = (
     ("rollout/click_rate", "training rollouts: episodes ended by a click"),
     ("rollout/repeat_rate", "training rollouts: repeated recommendations / turn"),
     ("eval/oracle/hit@1", "held-out: Hit@1 vs oracle user"),
+    ("eval/turn1_target_prob", "held-out: turn-1 P(target), exact"),
 )
 """Panels of :func:`plot_learning_curves`: (``metrics.jsonl`` column, title)."""
 

@@ -50,7 +50,7 @@ def main(args: Args) -> dict[str, dict[str, float]]:
     rows = [
         ("Hit@1 vs oracle user", "eval/oracle/hit@1"),
         ("turn-1 Hit@1 vs oracle user", "eval/oracle/turn1_hit@1"),
-        ("turn-1 P(target) (expected turn-1 Hit@1)", "eval/oracle/turn1_target_prob"),
+        ("turn-1 P(target) (expected turn-1 Hit@1)", "eval/turn1_target_prob"),
         ("Hit@1 vs LLM user", "eval/llm/hit@1"),
         ("wrong-click rate (LLM user)", "eval/llm/wrong_click_rate"),
         ("recommender format failures", "eval/oracle/rec_format_failure_rate"),

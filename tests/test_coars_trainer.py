@@ -172,6 +172,41 @@ def test_samples_carry_env_rewards_masks_and_exclude_forced_tokens(tmp_path):
     assert set(trainer.memory) == {ep.session_id for ep in episodes}
 
 
+@pytest.mark.parametrize("group_std", [True, False])
+def test_group_normalised_rewards_are_centred_per_session_and_agent(tmp_path, group_std):
+    from coars_agents.rollout import rollout
+
+    trainer = make_trainer(
+        tmp_path, rollouts_per_session=3, group_normalise=True, group_std=group_std
+    )
+    sessions = trainer.sample_sessions(0)
+    episodes = rollout(
+        trainer.train_env,
+        trainer.agents(greedy=False),
+        seed=0,
+        options=[{"session_id": s} for s in sessions for _ in range(3)],
+    )
+    samples = trainer.build_samples(episodes)
+    for agent, key, turns_of in (
+        (RECOMMENDER, "reward_rec", lambda ep: ep.recommender),
+        (USER, "reward_user", lambda ep: ep.user_agent),
+    ):
+        for session in set(sessions):
+            raw = torch.tensor(
+                [
+                    {r["turn"]: r for r in ep.turns}[t.turn][key]
+                    for ep in episodes
+                    if ep.session_id == session
+                    for t in turns_of(ep)
+                ]
+            )
+            got = [s.reward for s in samples if s.agent == agent and s.session_id == session]
+            expected = raw - raw.mean()
+            if group_std:
+                expected = expected / (raw.std(unbiased=False) + 1e-6)
+            assert got == pytest.approx(expected.tolist(), abs=1e-5)
+
+
 def test_outcome_reward_baseline_trains_recommender_only_with_final_hit(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=1, reward_mode="outcome")
     assert trainer.config.trained_agents == (RECOMMENDER,)
@@ -197,6 +232,37 @@ def test_bad_configs_are_rejected():
         CoARSConfig(sessions_per_step=0)
     with pytest.raises(ValueError, match="learning rates"):
         CoARSConfig(user_learning_rate=0.0)
+    for bad in (dict(rank_every=-1), dict(eval_every=-2), dict(checkpoint_every=0)):
+        with pytest.raises(ValueError, match="rank_every"):
+            CoARSConfig(**bad)
+
+
+def test_rank_every_logs_the_turn1_choice_curve_from_step_0(tmp_path):
+    from coars_agents.evaluate import select_sessions, turn1_choice_ranking
+    from coars_env.dialog.config import EnvConfig
+
+    trainer = make_trainer(tmp_path, total_steps=3, rank_every=2, eval_sessions=3)
+    untrained = trainer.rank_turn1()
+    history = trainer.train()
+    # A step-0 row (before any update), then steps 1-3 with the ranking after steps 2 and 3.
+    assert [m["step"] for m in history] == [0.0, 1.0, 2.0, 3.0]
+    assert history[0] == {"step": 0.0, **untrained}
+    assert "eval/turn1_target_prob" not in history[1]
+    assert {"eval/turn1_target_prob", "eval/ndcg@5"} <= history[2].keys()
+    assert "eval/turn1_target_prob" not in history[3]
+    logged = pd.read_json(tmp_path / "run" / "metrics.jsonl", lines=True)
+    assert list(logged["step"]) == [0, 1, 2, 3]
+    # The logged value is the mean target probability of the turn-1 ranking of the trained
+    # recommender on the same 3 sessions.
+    sessions = select_sessions(len(trainer.eval_data.sessions), 3, trainer.config.seed)
+    agent = trainer.agents(greedy=True)[RECOMMENDER]
+    config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    ranking = turn1_choice_ranking(agent, trainer.eval_data, config, sessions)
+    assert trainer.rank_turn1()["eval/turn1_target_prob"] == pytest.approx(
+        ranking["target_prob"].mean()
+    )
+    assert 0.0 < untrained["eval/turn1_target_prob"] < 1.0
+    assert untrained["eval/turn1_target_prob_se"] > 0.0
 
 
 def test_the_user_adapter_can_have_its_own_learning_rate(tmp_path):
@@ -299,11 +365,11 @@ def test_evaluate_reports_hit_rates_and_user_alignment_deterministically(tmp_pat
     # The oracle user clicks only the target: a session ends early only on a hit.
     assert first["eval/oracle/avg_turns"] >= 1.0
     assert "eval/llm/user_f1" in first and 0.0 <= first["eval/llm/user_f1"] <= 1.0
-    # The turn-1 choice distribution is scored once, against the oracle user only.
-    assert 0.0 < first["eval/oracle/turn1_target_prob"] < 1.0
-    assert first["eval/oracle/turn1_target_prob_se"] > 0.0
-    assert {"eval/oracle/hit@5", "eval/oracle/ndcg@5"} <= first.keys()
-    assert not any(k.startswith("eval/llm/turn1_target_prob") for k in first)
+    # The turn-1 choice distribution (no opponent involved) is logged once.
+    assert {k: v for k, v in first.items() if "turn1_target_prob" in k or "@5" in k} == {
+        k: v for k, v in trainer.rank_turn1().items() if "turn1_target_prob" in k or "@5" in k
+    }
+    assert not any(k.startswith(("eval/llm/turn1_target", "eval/oracle/ndcg")) for k in first)
     # Greedy evaluation is deterministic, and fresh adapters (LoRA B = 0) act like the base.
     assert trainer.evaluate() == first
     assert trainer.evaluate(use_adapters=False) == first

@@ -65,6 +65,12 @@ def test_group_normalise_within_groups():
     assert out[0].item() == pytest.approx(1.0, abs=1e-5)
     assert out[1].item() == pytest.approx(-1.0, abs=1e-5)
     assert out[2].item() == 0.0 and out[3].item() == 0.0
+    # Mean-centring only: small differences stay small (0.9 vs 0.95 is +-0.025, not +-1).
+    centred = group_normalise(torch.tensor([-0.9, -0.95, 0.5, 2.0]), groups, scale=False)
+    assert centred.tolist() == pytest.approx([0.025, -0.025, 0.0, 0.0], abs=1e-6)
+    assert group_normalise(torch.tensor([-0.9, -0.95]), torch.tensor([0, 0])).tolist() == (
+        pytest.approx([1.0, -1.0], abs=1e-4)
+    )
 
 
 def test_regularised_loss_reduces_to_paper_form_and_clips():
