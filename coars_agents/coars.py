@@ -140,7 +140,8 @@ class CoARSConfig:
     """``outcome``: the RL baseline: every recommender turn gets +1 if the episode's final
     recommendation hits, else -1; no credit term; the user agent is not trained."""
     group_normalise: bool = False
-    """GRPO-style: normalise each agent's turn rewards within the rollouts of a session."""
+    """GRPO-style: normalise each agent's turn rewards within the rollouts of a session, over
+    the turns it trains on (masked turns neither count nor change)."""
     group_std: bool = True
     """With ``group_normalise``: also divide by the group's standard deviation (GRPO).
     ``--no-group-std`` only subtracts the group mean (Dr. GRPO). Why it matters here: with
@@ -428,7 +429,10 @@ class CoARSTrainer:
             self.memory[ep.session_id] = ep.turns
         if cfg.group_normalise:
             for agent in AGENTS:
-                members = [s for s in samples if s.agent == agent]
+                # Masked turns (e.g. the user accepting a miss) are out of training, so they
+                # are out of the group statistics too: their rewards in the group mean would
+                # hand the very signal the mask removes to the other turns' advantages.
+                members = [s for s in samples if s.agent == agent and s.turn_mask > 0]
                 if members:
                     normalised = group_normalise(
                         torch.tensor([s.reward for s in members]),

@@ -187,24 +187,34 @@ def test_group_normalised_rewards_are_centred_per_session_and_agent(tmp_path, gr
         options=[{"session_id": s} for s in sessions for _ in range(3)],
     )
     samples = trainer.build_samples(episodes)
+    n_masked = 0
     for agent, key, turns_of in (
         (RECOMMENDER, "reward_rec", lambda ep: ep.recommender),
         (USER, "reward_user", lambda ep: ep.user_agent),
     ):
+        mask_key = "mask_rec" if agent == RECOMMENDER else "mask_user"
         for session in set(sessions):
-            raw = torch.tensor(
-                [
-                    {r["turn"]: r for r in ep.turns}[t.turn][key]
-                    for ep in episodes
-                    if ep.session_id == session
-                    for t in turns_of(ep)
-                ]
-            )
-            got = [s.reward for s in samples if s.agent == agent and s.session_id == session]
+            records = [
+                {r["turn"]: r for r in ep.turns}[t.turn]
+                for ep in episodes
+                if ep.session_id == session
+                for t in turns_of(ep)
+            ]
+            got = [s for s in samples if s.agent == agent and s.session_id == session]
+            assert [s.turn_mask for s in got] == [r[mask_key] for r in records]
+            # Statistics over the trained turns only; masked turns keep their env reward.
+            trained = [i for i, r in enumerate(records) if r[mask_key]]
+            raw = torch.tensor([records[i][key] for i in trained])
             expected = raw - raw.mean()
             if group_std:
                 expected = expected / (raw.std(unbiased=False) + 1e-6)
-            assert got == pytest.approx(expected.tolist(), abs=1e-5)
+            if len(trained) < 2:
+                expected = torch.zeros(len(trained))
+            assert [got[i].reward for i in trained] == pytest.approx(expected.tolist(), abs=1e-5)
+            masked = [i for i in range(len(records)) if i not in trained]
+            assert [got[i].reward for i in masked] == [records[i][key] for i in masked]
+            n_masked += len(masked)
+    assert n_masked > 0, "the untrained user accepts some misses: masked turns to check"
 
 
 def test_outcome_reward_baseline_trains_recommender_only_with_final_hit(tmp_path):

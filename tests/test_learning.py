@@ -1,10 +1,15 @@
 """Does CoARS learn? A seeded training of a real LLM on the synthetic dataset (opt-in).
 
-The claim under test: a short seeded CoARS training raises the recommender's Hit@1 (against
-the oracle user, which clicks only the target) on at least 300 held-out test sessions above
-its untrained value by at least 3 standard errors; turn-1 Hit@1 and the format-failure
-rates are printed beside it, so a gain that only comes from fewer failures (e.g. fewer
-repeats) is visible.
+The claims under test, on at least 300 held-out test sessions, each against the untrained
+model by at least 3 standard errors (one training run serves both tests):
+
+- a short seeded CoARS training raises the recommender's Hit@1 against the oracle user
+  (which clicks only the target); turn-1 Hit@1, the repeat rate and the format-failure rates
+  are printed beside it;
+- the gain is not only fewer failures: the recommender's first choice gets better, i.e. its
+  exact turn-1 probability of the target (``eval/turn1_target_prob``, the expected turn-1
+  Hit@1, which neither repeats nor the user agent affect) rises. The H200 runs of session 4
+  met the first claim in 2 of 3 seeds and not this one.
 
 It needs a GPU for a real model: with SmolLM2-135M a step takes about a minute on a 2-core
 CPU, and learning needs tens of steps. CI therefore skips it; run it with
@@ -61,8 +66,9 @@ comparison (docs/results/synthetic_h200_15steps.md). There, seed 0 went from Hit
 recommender no longer repeating itself after a miss; turn-1 Hit@1 did not move."""
 
 
-def test_coars_training_raises_held_out_hit_rate(tmp_path):
-    out = Path(os.environ.get("COARS_LEARNING_OUT") or tmp_path)
+@pytest.fixture(scope="module")
+def learning_run(tmp_path_factory) -> dict:
+    out = Path(os.environ.get("COARS_LEARNING_OUT") or tmp_path_factory.mktemp("learning"))
     config = CoARSConfig(
         model=os.environ.get("COARS_LEARNING_MODEL", "smollm2"),
         output_dir=str(out / "run"),
@@ -76,23 +82,35 @@ def test_coars_training_raises_held_out_hit_rate(tmp_path):
     before = trainer.evaluate(HELD_OUT_SESSIONS, use_adapters=False)
     trainer.train()
     after = trainer.evaluate(HELD_OUT_SESSIONS)
-
-    key = "eval/oracle/hit@1"
-    gain = after[key] - before[key]
-    se = math.sqrt(before[f"{key}_se"] ** 2 + after[f"{key}_se"] ** 2)
-    report = {
-        "steps": trainer.step,
-        "sessions": HELD_OUT_SESSIONS,
-        "before": before,
-        "after": after,
-        "gain": gain,
-        "se_of_gain": se,
-    }
-    (out / "learning_test.json").write_text(json.dumps(report, indent=1) + "\n")
-    for name in ("hit@1", "turn1_hit@1", "rec_format_failure_rate", "repeat_rate"):
+    report: dict = {"steps": trainer.step, "sessions": HELD_OUT_SESSIONS}
+    for key in ("eval/oracle/hit@1", "eval/turn1_target_prob"):
+        gain = after[key] - before[key]
+        se = math.sqrt(before[f"{key}_se"] ** 2 + after[f"{key}_se"] ** 2)
+        report[key] = {"before": before[key], "after": after[key], "gain": gain, "se": se}
+        print(f"{key}: {before[key]:.3f} -> {after[key]:.3f}, gain {gain / se:.1f} SE")
+    for name in ("turn1_hit@1", "rec_format_failure_rate", "repeat_rate"):
         print(f"{name}: {before[f'eval/oracle/{name}']:.3f} -> {after[f'eval/oracle/{name}']:.3f}")
-    print(f"gain {gain:.3f} = {gain / se:.1f} SE after {trainer.step} steps")
-    assert gain >= 3 * se, f"Hit@1 {before[key]:.3f} -> {after[key]:.3f} is < 3 SE ({se:.3f})"
+    print(f"after {trainer.step} steps")
+    (out / "learning_test.json").write_text(
+        json.dumps({**report, "before": before, "after": after}, indent=1) + "\n"
+    )
+    return report
+
+
+def _assert_gain(report: dict, key: str) -> None:
+    r = report[key]
+    assert r["gain"] >= 3 * r["se"], (
+        f"{key} {r['before']:.3f} -> {r['after']:.3f} is < 3 SE ({r['se']:.3f}) "
+        f"after {report['steps']} steps"
+    )
+
+
+def test_coars_training_raises_held_out_hit_rate(learning_run):
+    _assert_gain(learning_run, "eval/oracle/hit@1")
+
+
+def test_the_first_choice_improves_not_only_fewer_failures(learning_run):
+    _assert_gain(learning_run, "eval/turn1_target_prob")
 
 
 def _cuda() -> bool:
