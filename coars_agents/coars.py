@@ -702,8 +702,10 @@ class CoARSTrainer:
         seeded subset as :meth:`evaluate`), through
         :func:`coars_agents.evaluate.turn1_choice_ranking`: ``eval/turn1_target_prob`` (mean
         probability of the target: the expected turn-1 Hit@1 at temperature 1) with its
-        standard error, ``eval/hit@5``, ``eval/ndcg@5`` and ``eval/target_rank`` (mean 0-based
-        rank). No dialogue is played, so neither the user agent nor repeats play a part."""
+        standard error, ``eval/hit@5``, ``eval/ndcg@5``, ``eval/target_rank`` (mean 0-based
+        rank) and ``eval/turn1_top_prob`` (mean probability of the likeliest candidate: how
+        peaked the choice is). No dialogue is played, so neither the user agent nor repeats
+        play a part."""
         from coars_agents.evaluate import select_sessions, turn1_choice_ranking
 
         cfg = self.config
@@ -724,6 +726,7 @@ class CoARSTrainer:
             "eval/hit@5": float((ranks < 5).mean()),
             "eval/ndcg@5": float(np.where(ranks < 5, 1.0 / np.log2(ranks + 2.0), 0.0).mean()),
             "eval/target_rank": float(ranks.mean()),
+            "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
         }
 
     def _decoding_models(self) -> AbstractContextManager[None]:
