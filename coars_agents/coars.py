@@ -706,7 +706,11 @@ class CoARSTrainer:
         rank) and ``eval/turn1_top_prob`` (mean probability of the likeliest candidate: how
         peaked the choice is). No dialogue is played, so neither the user agent nor repeats
         play a part."""
-        from coars_agents.evaluate import select_sessions, turn1_choice_ranking
+        from coars_agents.evaluate import (
+            select_sessions,
+            turn1_choice_ranking,
+            turn1_ranking_metrics,
+        )
 
         cfg = self.config
         data = data or self.eval_data
@@ -718,14 +722,15 @@ class CoARSTrainer:
         env_config = EnvConfig(**self.env_kwargs).replace(render_prompts=False)
         with self._decoding_models() if use_adapters else nullcontext():
             ranking = turn1_choice_ranking(agent, data, env_config, sessions, cfg.eval_batch_size)
+        metrics = turn1_ranking_metrics(ranking)
         probs = ranking["target_prob"].to_numpy(dtype=float)
-        ranks = ranking["target_rank"].to_numpy(dtype=float)
+        out = {
+            f"eval/{k}": float(metrics[k].mean) for k in ("turn1_target_prob", "hit@5", "ndcg@5")
+        }
         return {
-            "eval/turn1_target_prob": float(probs.mean()),
+            **out,
             "eval/turn1_target_prob_se": float(probs.std() / math.sqrt(len(probs))),
-            "eval/hit@5": float((ranks < 5).mean()),
-            "eval/ndcg@5": float(np.where(ranks < 5, 1.0 / np.log2(ranks + 2.0), 0.0).mean()),
-            "eval/target_rank": float(ranks.mean()),
+            "eval/target_rank": float(ranking["target_rank"].mean()),
             "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
         }
 

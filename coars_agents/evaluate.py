@@ -116,6 +116,7 @@ __all__ = [
     "resolve_adapter_dir",
     "run",
     "turn1_choice_ranking",
+    "turn1_ranking_metrics",
 ]
 
 AgentSpec = str | Agent
@@ -797,8 +798,7 @@ def evaluate(
     episodes_df = pd.DataFrame(episode_rows)
     metrics = recommendation_metrics(episodes_df)
     if llm_ranking is not None:  # one ranking per session, whatever the seeds
-        metrics.update(_ranking_metrics(llm_ranking["target_rank"].to_numpy(dtype=float)))
-        metrics["turn1_target_prob"] = mean_ci(llm_ranking["target_prob"].to_numpy(dtype=float))
+        metrics.update(turn1_ranking_metrics(llm_ranking))
     else:
         metrics.update(_ranking_metrics(episodes_df["target_rank"].to_numpy(dtype=float)))
 
@@ -861,6 +861,13 @@ def _ranking_metrics(ranks: np.ndarray) -> dict[str, Estimate]:
         out[f"hit@{k}"] = proportion_ci(int((ranks < k).sum()), int(ranks.size))
         out[f"ndcg@{k}"] = mean_ci(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0))
     return out
+
+
+def turn1_ranking_metrics(ranking: pd.DataFrame) -> dict[str, Estimate]:
+    """Hit@k, NDCG@k and ``turn1_target_prob`` of a :func:`turn1_choice_ranking` frame."""
+    metrics = _ranking_metrics(ranking["target_rank"].to_numpy(dtype=float))
+    metrics["turn1_target_prob"] = mean_ci(ranking["target_prob"].to_numpy(dtype=float))
+    return metrics
 
 
 def _per_seed(episodes: pd.DataFrame) -> pd.DataFrame:

@@ -735,7 +735,10 @@ class LLMPolicy:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         prefix, decisions = choice_decisions(template, self.vocab, name)
-        paths = sorted({d.path for ds in decisions.values() for d in ds})
+        allowed = {d.path: d.allowed for steps in decisions.values() for d in steps}  # per node
+        paths = sorted(allowed)
+        node_of = {path: k for k, path in enumerate(paths)}
+        options = list(decisions)
         prompts = [list(map(int, p)) + list(prefix) for p in prompt_ids_list]
         if any(len(p) == len(prefix) for p in prompts):
             raise ValueError("prompts must be non-empty")
@@ -743,22 +746,22 @@ class LLMPolicy:
         with self._adapter_scope(adapter), torch.no_grad():
             for rows in self._chunks(len(prompts)):
                 logits = self._node_logits([prompts[i] for i in rows], paths)
-                node_of = {p: k for k, p in enumerate(paths)}
-                for r in range(len(rows)):
-                    probs = {}
-                    for option, steps in decisions.items():
-                        logp = 0.0
-                        for d in steps:
-                            scores = logits[r, node_of[d.path]].masked_fill(
-                                ~d.allowed.to(logits.device), -math.inf
-                            )
-                            scores = scores / temperature
-                            if top_p < 1.0:
-                                scores = _top_p_filter(scores[None], top_p)[0]
-                            lp = torch.log_softmax(scores.double(), -1)
-                            logp += float(torch.logsumexp(lp[d.taken.to(lp.device)], 0))
-                        probs[option] = math.exp(logp)
-                    out.append(probs)
+                # Each node's sampling distribution once, for every row of the chunk.
+                node_logp = [
+                    torch.log_softmax(
+                        _sampling_scores(
+                            logits[:, k], allowed[path].to(logits.device), temperature, top_p
+                        ).double(),
+                        dim=-1,
+                    )
+                    for k, path in enumerate(paths)
+                ]
+                logp = torch.zeros(len(rows), len(options), dtype=torch.float64)
+                for o, option in enumerate(options):
+                    for d in decisions[option]:
+                        taken = node_logp[node_of[d.path]][:, d.taken.to(logits.device)]
+                        logp[:, o] += torch.logsumexp(taken, dim=-1).cpu()
+                out += [dict(zip(options, row)) for row in logp.exp().tolist()]
         return out
 
     def _node_logits(self, prompts: list[list[int]], paths: list[tuple[int, ...]]) -> torch.Tensor:
@@ -961,12 +964,9 @@ def _choose(
     cheap next to the forward pass: 64 rows x 49k tokens of noise per step cost as much as
     the model itself on a CPU. Row-wise softmax and cumsum keep a row's sample independent
     of the batch it is in."""
-    scores = logits.masked_fill(~mask, -math.inf)
     if generators is None:  # greedy
-        return scores.argmax(-1)
-    scores = scores / sampling.temperature
-    if sampling.top_p < 1.0:
-        scores = _top_p_filter(scores, sampling.top_p)
+        return logits.masked_fill(~mask, -math.inf).argmax(-1)
+    scores = _sampling_scores(logits, mask, sampling.temperature, sampling.top_p)
     cdf = scores.double().softmax(-1).cumsum(-1)
     uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
     target = uniform.to(cdf.device)[:, None] * cdf[:, -1:]
@@ -974,6 +974,16 @@ def _choose(
     # probability zero (a masked token's mass adds nothing to the cumsum).
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return tokens.clamp(max=scores.shape[-1] - 1)
+
+
+def _sampling_scores(
+    logits: torch.Tensor, mask: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    """The logits sampling draws from (up to a constant): the constraint mask, then the
+    temperature, then top-p. Shared by :func:`_choose` and
+    :meth:`LLMPolicy.choice_probabilities`, so the two always agree."""
+    scores = logits.masked_fill(~mask, -math.inf) / temperature
+    return _top_p_filter(scores, top_p) if top_p < 1.0 else scores
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
