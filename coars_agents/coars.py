@@ -28,6 +28,7 @@ resumes from the last one and continues exactly as if uninterrupted.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -201,6 +202,13 @@ class CoARSConfig:
     ``eval/turn1_target_prob``, the expected turn-1 Hit@1, and NDCG@5 / Hit@5): one prefill
     per session and no dialogue, so a cheap, low-noise learning curve of the first choice
     (0: only with the full evaluations)."""
+    rank_teacher: bool = False
+    """With each turn-1 ranking, also rank under the hindsight teacher's context (the prompt
+    plus d: the target's number and title), logged as ``eval/teacher_turn1_target_prob`` and
+    ``eval/teacher_turn1_top_prob``. The gap to the student's ``eval/turn1_target_prob`` is
+    what the credit term can teach at turn 1; a teacher that cannot read d (a small model)
+    has nothing to pass on, and teacher and student share the adapter, so training can shrink
+    the gap from either side. Doubles the ranking's cost."""
     checkpoint_every: int = 10
     """Save a checkpoint every N steps (and at the end)."""
     keep_last: int = 2
@@ -705,7 +713,8 @@ class CoARSTrainer:
         standard error, ``eval/hit@5``, ``eval/ndcg@5``, ``eval/target_rank`` (mean 0-based
         rank) and ``eval/turn1_top_prob`` (mean probability of the likeliest candidate: how
         peaked the choice is). No dialogue is played, so neither the user agent nor repeats
-        play a part."""
+        play a part. With ``rank_teacher``, also the teacher's ``eval/teacher_turn1_target_prob``
+        and ``eval/teacher_turn1_top_prob`` (the same sessions, the hindsight context added)."""
         from coars_agents.evaluate import (
             select_sessions,
             turn1_choice_ranking,
@@ -720,19 +729,28 @@ class CoARSTrainer:
         )
         agent = self.agents(greedy=True, use_adapters=use_adapters)[RECOMMENDER]
         env_config = EnvConfig(**self.env_kwargs).replace(render_prompts=False)
+        rank = functools.partial(
+            turn1_choice_ranking, agent, data, env_config, sessions, cfg.eval_batch_size
+        )
         with self._decoding_models() if use_adapters else nullcontext():
-            ranking = turn1_choice_ranking(agent, data, env_config, sessions, cfg.eval_batch_size)
+            ranking = rank()
+            teacher = rank(hindsight=True) if cfg.rank_teacher else None
         metrics = turn1_ranking_metrics(ranking)
         probs = ranking["target_prob"].to_numpy(dtype=float)
         out = {
             f"eval/{k}": float(metrics[k].mean) for k in ("turn1_target_prob", "hit@5", "ndcg@5")
         }
-        return {
-            **out,
-            "eval/turn1_target_prob_se": float(probs.std() / math.sqrt(len(probs))),
-            "eval/target_rank": float(ranking["target_rank"].mean()),
-            "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
-        }
+        out.update(
+            {
+                "eval/turn1_target_prob_se": float(probs.std() / math.sqrt(len(probs))),
+                "eval/target_rank": float(ranking["target_rank"].mean()),
+                "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
+            }
+        )
+        if teacher is not None:
+            out["eval/teacher_turn1_target_prob"] = float(teacher["target_prob"].mean())
+            out["eval/teacher_turn1_top_prob"] = float(teacher["top_prob"].mean())
+        return out
 
     def _decoding_models(self) -> AbstractContextManager[None]:
         """Merged per-adapter copies for decoding when ``merged_rollouts`` is set."""

@@ -72,6 +72,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from coars_agents.hindsight import recommender_reference, with_reference
 from coars_agents.rollout import Agent, Episode, LLMAgent, fit_prompt, rollout
 from coars_env.agents import (
     GenreRecommender,
@@ -337,6 +338,7 @@ def turn1_choice_ranking(
     session_ids: Sequence[int],
     batch_size: int = 32,
     *,
+    hindsight: bool = False,
     progress: bool = False,
 ) -> pd.DataFrame:
     """An LLM recommender's turn-1 choice distribution over the candidates, per session.
@@ -346,6 +348,12 @@ def turn1_choice_ranking(
     agent's answer template, ``batch_size`` prompts at a time. Temperature and top-p are the
     agent's, or 1 for a greedy agent. Candidates are ranked by probability (ties: the
     earlier position first).
+
+    ``hindsight=True`` ranks under the self-distillation *teacher's* context instead: the
+    prompt plus the recommender's reference trajectory d of a first visit with no turn
+    played yet (:func:`coars_agents.hindsight.recommender_reference`: the target's number
+    and title). Its ``target_prob`` says how much the teacher knows at turn 1, the most the
+    credit term can pass on to the student (training only: it reads the target).
 
     Returns one row per session: ``session_id``, ``target_rank`` (0-based rank of the target),
     ``target_prob`` (its probability) and ``top_prob`` (the largest probability).
@@ -365,7 +373,13 @@ def turn1_choice_ranking(
         venv = venvs[len(chunk)]
         venv.reset(seed=0, options=[{"session_id": s} for s in chunk])
         budget = agent.sampling.max_new_tokens
-        prompts = [agent.policy.render(fit_prompt(env, agent.policy, budget)) for env in venv.envs]
+        messages = [fit_prompt(env, agent.policy, budget) for env in venv.envs]
+        if hindsight:
+            messages = [
+                with_reference(m, _first_visit_reference(data, data.sessions[s]))
+                for m, s in zip(messages, chunk)
+            ]
+        prompts = [agent.policy.render(m) for m in messages]
         n_candidates = len(data.sessions[chunk[0]].candidates)
         distributions = agent.policy.choice_probabilities(
             prompts,
@@ -389,6 +403,12 @@ def turn1_choice_ranking(
                 }
             )
     return pd.DataFrame(rows, columns=["session_id", "target_rank", "target_prob", "top_prob"])
+
+
+def _first_visit_reference(data: DialogData, session: Session) -> str:
+    """The recommender teacher's d before any turn: the target and nothing to diagnose."""
+    position = session.candidates.index(session.target)
+    return recommender_reference(position, data.title(session.target), [], data.title)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,6 +582,8 @@ CURVE_METRICS = (
     ("rollout/repeat_rate", "training rollouts: repeated recommendations / turn"),
     ("eval/oracle/hit@1", "held-out: Hit@1 vs oracle user"),
     ("eval/turn1_target_prob", "held-out: turn-1 P(target), exact"),
+    ("eval/turn1_top_prob", "held-out: turn-1 P(likeliest candidate)"),
+    ("eval/teacher_turn1_target_prob", "held-out: hindsight teacher's turn-1 P(target)"),
 )
 """Panels of :func:`plot_learning_curves`: (``metrics.jsonl`` column, title)."""
 

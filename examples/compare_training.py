@@ -106,6 +106,10 @@ class Args:
     """Users whose alignment sets the final evaluation judges (user F1)."""
     workers: int = 1
     """Jobs run in parallel processes (on one GPU too: small models leave it mostly idle)."""
+    threads_per_job: int = 0
+    """Torch CPU threads of each job (0: the machine's cores divided by ``workers``). Set it
+    when other processes share the machine: a lone job given every core competes with them
+    for the host work of decoding (on a GPU, 1-2 threads a job are enough)."""
     references: tuple[str, ...] = ("random", "genre")
     """Scripted recommenders evaluated against the oracle user on the same held-out sessions,
     as reference rows (``coars_agents.evaluate.SCRIPTED_RECOMMENDERS``; none: pass nothing)."""
@@ -228,7 +232,9 @@ def main(args: Args) -> pd.DataFrame:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(e, m, s) for e in args.env_ids for m in args.methods for s in args.seeds]
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if args.threads_per_job < 0:
+        raise ValueError(f"threads_per_job must be >= 0 (0: automatic), got {args.threads_per_job}")
+    threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // args.workers)
     start, results, failed = time.monotonic(), [], []
 
     def finished(job: tuple, outcome: Callable[[], dict | None]) -> None:

@@ -273,6 +273,28 @@ def test_rank_every_logs_the_turn1_choice_curve_from_step_0(tmp_path):
     )
     assert 0.0 < untrained["eval/turn1_target_prob"] < 1.0
     assert untrained["eval/turn1_target_prob_se"] > 0.0
+    assert not any(k.startswith("eval/teacher_") for m in history for k in m)
+
+
+def test_rank_teacher_logs_the_hindsight_teachers_turn1_choice(tmp_path):
+    from coars_agents.evaluate import select_sessions, turn1_choice_ranking
+    from coars_env.dialog.config import EnvConfig
+
+    trainer = make_trainer(
+        tmp_path, total_steps=1, rank_every=1, eval_sessions=3, rank_teacher=True
+    )
+    history = trainer.train()
+    assert [m["step"] for m in history] == [0.0, 1.0]
+    sessions = select_sessions(len(trainer.eval_data.sessions), 3, trainer.config.seed)
+    agent = trainer.agents(greedy=True)[RECOMMENDER]
+    config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    student = turn1_choice_ranking(agent, trainer.eval_data, config, sessions)
+    teacher = turn1_choice_ranking(agent, trainer.eval_data, config, sessions, hindsight=True)
+    logged = history[-1]
+    assert logged["eval/turn1_target_prob"] == pytest.approx(student["target_prob"].mean())
+    assert logged["eval/teacher_turn1_target_prob"] == pytest.approx(teacher["target_prob"].mean())
+    assert logged["eval/teacher_turn1_top_prob"] == pytest.approx(teacher["top_prob"].mean())
+    assert logged["eval/teacher_turn1_target_prob"] != logged["eval/turn1_target_prob"]
 
 
 def test_the_user_adapter_can_have_its_own_learning_rate(tmp_path):

@@ -25,6 +25,7 @@ from coars_agents.evaluate import (
     select_sessions,
     turn1_choice_ranking,
 )
+from coars_agents.hindsight import recommender_reference, with_reference
 from coars_agents.policy import LLMPolicy, SamplingConfig
 from coars_agents.rollout import LLMAgent, fit_prompt
 from coars_env.agents import PopularityRecommender, SessionIndex
@@ -224,6 +225,18 @@ def test_llm_recommender_ranks_candidates_by_its_turn1_choice_probabilities(tiny
     (probs,) = policy.choice_probabilities([prompt], agent.template(20), "item")
     position = tiny.sessions[3].candidates.index(tiny.sessions[3].target)
     assert ranking.loc[3, "target_prob"] == pytest.approx(probs[str(position + 1)])
+
+    # The teacher's ranking: the same prompt with the first-visit hindsight reference d.
+    teacher = turn1_choice_ranking(agent, tiny, config, range(5), batch_size=2, hindsight=True)
+    session = tiny.sessions[3]
+    reference = recommender_reference(position, tiny.title(session.target), [], tiny.title)
+    assert f"candidate {position + 1}:" in reference
+    messages = with_reference(fit_prompt(venv.envs[0], policy, GREEDY.max_new_tokens), reference)
+    (teacher_probs,) = policy.choice_probabilities(
+        [policy.render(messages)], agent.template(20), "item"
+    )
+    assert teacher.loc[3, "target_prob"] == pytest.approx(teacher_probs[str(position + 1)])
+    assert not np.allclose(teacher["target_prob"], ranking["target_prob"])
 
     skipped = evaluate(
         tiny, agent, "oracle", env_overrides=env, progress=False, rank_candidates=False

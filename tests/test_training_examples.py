@@ -166,6 +166,27 @@ def test_compare_training_keeps_going_when_a_job_fails_and_retries_it(
     assert (error.parent / "result.json").is_file()
 
 
+def test_compare_training_threads_per_job(tmp_path, monkeypatch):
+    example = load_example("compare_training")
+    seen: list[int] = []
+
+    def record_threads(args, env_id, method, seed, threads):
+        seen.append(threads)
+        raise RuntimeError("not run")
+
+    monkeypatch.setattr(example, "run_job", record_threads)
+    monkeypatch.setattr(example.os, "cpu_count", lambda: 16)
+    args = example.Args(
+        methods=("coars",), seeds=(0,), out_dir=str(tmp_path), references=(), final_sessions=1
+    )
+    for threads_per_job, expected in ((0, 16), (3, 3)):
+        with pytest.raises(RuntimeError, match="1 of 1 jobs failed"):
+            example.main(example.Args(**{**vars(args), "threads_per_job": threads_per_job}))
+        assert seen.pop() == expected
+    with pytest.raises(ValueError, match="threads_per_job must be >= 0"):
+        example.main(example.Args(**{**vars(args), "threads_per_job": -1}))
+
+
 def test_compare_training_methods_are_the_baselines_and_method_md_ablations(tmp_path):
     example = load_example("compare_training")
     args = example.Args(out_dir=str(tmp_path), train=CoARSConfig(total_steps=7, eval_every=2))
