@@ -109,6 +109,13 @@ class CoARSConfig:
     """Show SASRec's top-1 candidate to the recommender as a hint (as AFL does)."""
     temperature: float = 1.0
     """Sampling temperature of both agents during training rollouts."""
+    user_temperature: float | None = None
+    """Sampling temperature of the user agent during training rollouts (None: ``temperature``).
+    A way to make it explore rejections (ours): METHOD.md masks its turns that accept a miss,
+    so an untrained user that accepts ~96% of recommendations trains almost only on accepted
+    hits and drifts to accepting everything (docs/results/synthetic_h200_turn1.md); at a
+    higher temperature it samples more rejections of misses, which are rewarded. Log-probs
+    stay those of the raw distribution, as for ``temperature``."""
     reason_tokens: int = 24
     """Token budget of each rationale (constrained decoding)."""
     constrained: bool = True
@@ -141,8 +148,20 @@ class CoARSConfig:
     """``outcome``: the RL baseline: every recommender turn gets +1 if the episode's final
     recommendation hits, else -1; no credit term; the user agent is not trained."""
     group_normalise: bool = False
-    """GRPO-style: normalise each agent's turn rewards within the rollouts of a session, over
-    the turns it trains on (masked turns neither count nor change)."""
+    """GRPO-style: normalise the recommender's turn rewards within the rollouts of a session,
+    over the turns it trains on (masked turns neither count nor change); the user agent's
+    too with ``group_normalise_user``."""
+    group_normalise_user: bool = False
+    """With ``group_normalise``: normalise the user agent's rewards per session as well (ours;
+    off by default). A session's rollouts share the recommender's prompt, but the user judges
+    a different item in each, so they are no baseline for one another. And with METHOD.md's
+    mask, a user's rejection of a miss is compared only with accepted hits (its accepted
+    misses are masked): centring gives rejections a negative advantage whenever a group holds
+    a hit, and on one H200 the user learned to accept everything
+    (docs/results/synthetic_h200_turn1.md). Raw rewards pay rejecting a miss (skip: 0 to
+    +0.4, dislike: +0.5 to +1) over accepting it (masked: 0) and accepting a hit (click: +0.6
+    to +1) over rejecting it (negative). A user that cannot yet tell hits from misses then
+    leans to rejecting, since most items miss: that is the reward's own incentive."""
     group_std: bool = True
     """With ``group_normalise``: also divide by the group's standard deviation (GRPO).
     ``--no-group-std`` only subtracts the group mean (Dr. GRPO). Why it matters here: with
@@ -162,9 +181,10 @@ class CoARSConfig:
     """AdamW learning rate of both adapters (of the recommender's when
     ``user_learning_rate`` is set)."""
     user_learning_rate: float | None = None
-    """AdamW learning rate of the user adapter (None: ``learning_rate``). The user agent sees
-    mostly misses, and at lr 5e-4 learned to reject everything within ~5 steps
-    (docs/results/synthetic_h200_comparison.md): a lower rate slows that down."""
+    """AdamW learning rate of the user adapter (None: ``learning_rate``): the user agent's
+    reward is far noisier than the recommender's, and a lower rate slows its drift (to
+    rejecting everything in docs/results/synthetic_h200_15steps.md, before the group
+    statistics left masked turns out; to accepting everything since)."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Gradient clipping per adapter (0 disables)."""
@@ -233,6 +253,13 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if self.temperature <= 0 or (
+            self.user_temperature is not None and self.user_temperature <= 0
+        ):
+            raise ValueError(
+                "temperature and user_temperature must be > 0 (greedy decoding is for "
+                "evaluation; training samples)"
+            )
         if min(self.eval_every, self.rank_every, self.checkpoint_every - 1) < 0:
             raise ValueError("eval_every and rank_every must be >= 0, checkpoint_every >= 1")
         user_rate = self.user_learning_rate
@@ -359,17 +386,18 @@ class CoARSTrainer:
 
     def agents(self, *, greedy: bool, seed_offset: int = 0, use_adapters: bool = True) -> dict:
         """Both roles' :class:`LLMAgent`, each acting with its own adapter (or the base model)."""
-        sampling = SamplingConfig(
-            temperature=self.config.temperature,
-            max_new_tokens=self.config.max_new_tokens,
-            greedy=greedy,
-        )
+        cfg = self.config
+        temperatures = {RECOMMENDER: cfg.temperature, USER: cfg.user_temperature}
         return {
             role: LLMAgent(
                 self.policy,
                 role,
                 adapter=role if use_adapters else None,
-                sampling=sampling,
+                sampling=SamplingConfig(
+                    temperature=temperatures[role] or cfg.temperature,
+                    max_new_tokens=cfg.max_new_tokens,
+                    greedy=greedy,
+                ),
                 constrained=self.config.constrained,
                 reason_tokens=self.config.reason_tokens,
                 exclude_recommended=self.config.exclude_recommended and role == RECOMMENDER,
@@ -436,7 +464,7 @@ class CoARSTrainer:
         for ep in episodes:
             self.memory[ep.session_id] = ep.turns
         if cfg.group_normalise:
-            for agent in AGENTS:
+            for agent in AGENTS if cfg.group_normalise_user else (RECOMMENDER,):
                 # Masked turns (e.g. the user accepting a miss) are out of training, so they
                 # are out of the group statistics too: their rewards in the group mean would
                 # hand the very signal the mask removes to the other turns' advantages.

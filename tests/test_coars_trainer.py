@@ -172,20 +172,26 @@ def test_samples_carry_env_rewards_masks_and_exclude_forced_tokens(tmp_path):
     assert set(trainer.memory) == {ep.session_id for ep in episodes}
 
 
-@pytest.mark.parametrize("group_std", [True, False])
-def test_group_normalised_rewards_are_centred_per_session_and_agent(tmp_path, group_std):
+def grouped_rollout(trainer: CoARSTrainer, group: int) -> tuple[list[int], list]:
+    """Step 0's sessions, each rolled out ``group`` times (a group-normalisation batch)."""
     from coars_agents.rollout import rollout
 
-    trainer = make_trainer(
-        tmp_path, rollouts_per_session=3, group_normalise=True, group_std=group_std
-    )
     sessions = trainer.sample_sessions(0)
-    episodes = rollout(
-        trainer.train_env,
-        trainer.agents(greedy=False),
-        seed=0,
-        options=[{"session_id": s} for s in sessions for _ in range(3)],
+    options = [{"session_id": s} for s in sessions for _ in range(group)]
+    episodes = rollout(trainer.train_env, trainer.agents(greedy=False), seed=0, options=options)
+    return sessions, episodes
+
+
+@pytest.mark.parametrize("group_std", [True, False])
+def test_group_normalised_rewards_are_centred_per_session_and_agent(tmp_path, group_std):
+    trainer = make_trainer(
+        tmp_path,
+        rollouts_per_session=3,
+        group_normalise=True,
+        group_std=group_std,
+        group_normalise_user=True,
     )
+    sessions, episodes = grouped_rollout(trainer, 3)
     samples = trainer.build_samples(episodes)
     n_masked = 0
     for agent, key, turns_of in (
@@ -215,6 +221,29 @@ def test_group_normalised_rewards_are_centred_per_session_and_agent(tmp_path, gr
             assert [got[i].reward for i in masked] == [records[i][key] for i in masked]
             n_masked += len(masked)
     assert n_masked > 0, "the untrained user accepts some misses: masked turns to check"
+
+
+def test_group_normalisation_leaves_the_user_agents_rewards_raw_by_default(tmp_path):
+    trainer = make_trainer(tmp_path, rollouts_per_session=3, group_normalise=True)
+    sessions, episodes = grouped_rollout(trainer, 3)
+    samples = trainer.build_samples(episodes)
+    records = {
+        (ep.session_id, i): {r["turn"]: r for r in ep.turns} for i, ep in enumerate(episodes)
+    }
+    user = [s for s in samples if s.agent == USER]
+    expected = [
+        records[(ep.session_id, i)][t.turn]["reward_user"]
+        for i, ep in enumerate(episodes)
+        for t in ep.user_agent
+    ]
+    assert user and [s.reward for s in user] == pytest.approx(expected)
+    # The recommender's rewards are still centred per session.
+    rec = [s for s in samples if s.agent == RECOMMENDER and s.turn_mask > 0]
+    for session in set(sessions):
+        group = [s.reward for s in rec if s.session_id == session]
+        if len(group) > 1:
+            assert sum(group) == pytest.approx(0.0, abs=1e-5)
+    assert any(abs(s.reward) > 1e-3 for s in user), "raw user rewards are not all zero"
 
 
 def test_outcome_reward_baseline_trains_recommender_only_with_final_hit(tmp_path):
@@ -295,6 +324,18 @@ def test_rank_teacher_logs_the_hindsight_teachers_turn1_choice(tmp_path):
     assert logged["eval/teacher_turn1_target_prob"] == pytest.approx(teacher["target_prob"].mean())
     assert logged["eval/teacher_turn1_top_prob"] == pytest.approx(teacher["top_prob"].mean())
     assert logged["eval/teacher_turn1_target_prob"] != logged["eval/turn1_target_prob"]
+
+
+def test_the_user_agent_can_sample_at_its_own_temperature(tmp_path):
+    trainer = make_trainer(tmp_path, total_steps=0, temperature=0.8, user_temperature=2.0)
+    sampling = {role: agent.sampling for role, agent in trainer.agents(greedy=False).items()}
+    assert (sampling[RECOMMENDER].temperature, sampling[USER].temperature) == (0.8, 2.0)
+    assert all(agent.sampling.greedy for agent in trainer.agents(greedy=True).values())
+    default = make_trainer(tmp_path / "b", total_steps=0, temperature=0.7)
+    assert default.agents(greedy=False)[USER].sampling.temperature == 0.7
+    for bad in (dict(user_temperature=0.0), dict(temperature=-1.0)):
+        with pytest.raises(ValueError, match="user_temperature must be > 0"):
+            CoARSConfig(**bad)
 
 
 def test_the_user_adapter_can_have_its_own_learning_rate(tmp_path):

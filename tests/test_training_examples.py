@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from test_examples import load_example
 
 from coars_agents.coars import CoARSConfig
 from coars_agents.evaluate import plot_learning_curves, read_training_logs
+from coars_env.dialog.env import RECOMMENDER, USER
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +268,70 @@ def test_baselines_script_runs_every_system_at_tiny_scale(tmp_path, tiny_train):
     table = pd.read_csv(next((tmp_path / "out").glob("*.csv")))
     hits = table[table["metric"] == "hit@1"].set_index("system")["n"]
     assert len(hits) == 5 and (hits == 3).all()
+
+
+# ------------------------------------------------------------------------------ supervised probe
+
+
+def test_supervised_answer_ids_are_the_tokens_constrained_decoding_produces(tmp_path, tiny_train):
+    from coars_agents.coars import CoARSTrainer
+    from coars_agents.constrained import TemplateState
+
+    example = load_example("supervised_turn1")
+    trainer = CoARSTrainer(CoARSConfig(total_steps=0, output_dir=str(tmp_path), **tiny_train))
+    agent = trainer.agents(greedy=False)[RECOMMENDER]
+    for number in (1, 7, 12, 20):
+        ids, n_forced = example.answer_ids(agent, 20, number)
+        state = TemplateState(agent.template(20), agent.policy.vocab)
+        for position, token in enumerate(ids):
+            allowed = state.allowed()
+            assert allowed[token], (number, position)
+            if position < n_forced:  # the forced prefix: exactly one token allowed
+                assert int(allowed.sum()) == 1
+            state.advance(token)
+        assert state.fields["item"] == str(number)
+        assert agent.policy.tokenizer.decode(ids).startswith(f"Item: {number}\n")
+
+
+def test_supervised_turn1_fits_the_targets_of_its_training_sessions(tmp_path, tiny_train):
+    from coars_agents.coars import CoARSTrainer
+    from coars_agents.evaluate import turn1_choice_ranking
+    from coars_env.dialog.config import EnvConfig
+
+    example = load_example("supervised_turn1")
+    settings = {**tiny_train, "sessions_per_step": 4, "micro_batch_size": 3, "rank_every": 2}
+    config = CoARSConfig(output_dir=str(tmp_path / "sft"), learning_rate=1e-2, **settings)
+    trainer = CoARSTrainer(config)
+    trained = sorted({s for step in range(1, 5) for s in trainer.sample_sessions(step)})
+    agent = trainer.agents(greedy=True)[RECOMMENDER]
+    env_config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+
+    def ranking():
+        return turn1_choice_ranking(agent, trainer.train_data, env_config, trained)
+
+    before = ranking()
+    params = {
+        a: [p.detach().clone() for p in trainer.policy.trainable_parameters(a)]
+        for a in (RECOMMENDER, USER)
+    }
+    history = example.train_supervised(trainer, 4)
+
+    assert [row["step"] for row in history] == [0, 1, 2, 3, 4]
+    ranked = [row["step"] for row in history if "eval/turn1_target_prob" in row]
+    assert ranked == [0, 2, 4]
+    assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in history[1:])
+    logged = pd.read_json(tmp_path / "sft" / "metrics.jsonl", lines=True)
+    assert list(logged["step"]) == [0, 1, 2, 3, 4]
+    # Only the recommender adapter learned.
+    changed = {
+        a: any(not torch.equal(p0, p) for p0, p in zip(ps, trainer.policy.trainable_parameters(a)))
+        for a, ps in params.items()
+    }
+    assert changed == {RECOMMENDER: True, USER: False}
+    # It learned the answers it was shown: the targets of its training sessions became likelier.
+    after = ranking()
+    gained = (after["target_prob"] > before["target_prob"]).sum()
+    assert after["target_prob"].mean() > 1.5 * before["target_prob"].mean()
+    assert gained > len(trained) / 2
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        example.train_supervised(trainer, 0)
