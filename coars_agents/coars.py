@@ -44,7 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from coars_agents.credit import (
@@ -160,8 +160,8 @@ class CoARSConfig:
     a hit, and on one H200 the user learned to accept everything
     (docs/results/synthetic_h200_turn1.md). Raw rewards pay rejecting a miss (skip: 0 to
     +0.4, dislike: +0.5 to +1) over accepting it (masked: 0) and accepting a hit (click: +0.6
-    to +1) over rejecting it (negative). A user that cannot yet tell hits from misses then
-    leans to rejecting, since most items miss: that is the reward's own incentive."""
+    to +1) over rejecting it (negative). They did not stop the drift in a CPU check, though:
+    see ``user_learning_rate``."""
     group_std: bool = True
     """With ``group_normalise``: also divide by the group's standard deviation (GRPO).
     ``--no-group-std`` only subtracts the group mean (Dr. GRPO). Why it matters here: with
@@ -181,15 +181,24 @@ class CoARSConfig:
     """AdamW learning rate of both adapters (of the recommender's when
     ``user_learning_rate`` is set)."""
     user_learning_rate: float | None = None
-    """AdamW learning rate of the user adapter (None: ``learning_rate``): the user agent's
-    reward is far noisier than the recommender's, and a lower rate slows its drift (to
-    rejecting everything in docs/results/synthetic_h200_15steps.md, before the group
-    statistics left masked turns out; to accepting everything since)."""
+    """AdamW learning rate of the user adapter (None: ``learning_rate``). Most of the user's
+    turns are masked (it accepts most misses), so a step often trains on a handful of turns,
+    and Adam moves every weight by about the rate whatever the batch. At 5e-4, after one step
+    on 5 turns, every rollout of the next step ended in a click, and after 6 steps the
+    SmolLM2 user accepted 99.8% of items, up from 92% (docs/results/synthetic_h200_turn1.md).
+    A lower rate keeps such steps small."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Gradient clipping per adapter (0 disables)."""
     micro_batch_size: int = 8
     """Turns per forward/backward pass (bounds memory; gradients accumulate over a step)."""
+    min_trained_turns: int = 0
+    """An agent's optimizer step waits for this many trained (unmasked) turns, summed over
+    processes: a step that brings fewer carries them over to the next step (ours; 0: every
+    step updates, the paper's form). For the user agent, whose turns are mostly masked: a
+    step on a handful of turns is a full-size Adam step in their direction (see
+    ``user_learning_rate``). Carried turns keep their rewards and are rescored with the
+    current adapter; checkpoints save them."""
     gradient_accumulation_steps: int = 1
     """Rollout batches per optimizer step (Accelerate's gradient accumulation)."""
     ppo_epochs: int = 1
@@ -253,6 +262,8 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if self.min_trained_turns < 0:
+            raise ValueError(f"min_trained_turns must be >= 0, got {self.min_trained_turns}")
         if self.temperature <= 0 or (
             self.user_temperature is not None and self.user_temperature <= 0
         ):
@@ -380,6 +391,8 @@ class CoARSTrainer:
         self.best_hit = -math.inf
         # Hindsight memory: the last trajectory's turn records per training session.
         self.memory: dict[int, list[dict]] = {}
+        # Trained turns waiting for min_trained_turns, per agent (this process's share).
+        self.pending: dict[str, list[TurnSample]] = {agent: [] for agent in AGENTS}
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ agents
@@ -616,6 +629,18 @@ class CoARSTrainer:
             f"time/{agent}_backward_s": t_backward,
         }
 
+    def _enough_trained_turns(self, batch: list[TurnSample]) -> bool:
+        """Does ``batch`` reach ``min_trained_turns`` (summed over processes, so that all
+        processes decide alike and none waits alone in the gradient all-reduce)?"""
+        if self.config.min_trained_turns == 0:
+            return True
+        count = torch.tensor(
+            float(sum(s.turn_mask > 0 for s in batch)), device=self.accelerator.device
+        )
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return bool(count.item() >= self.config.min_trained_turns)
+
     def _all_reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Data parallel: average adapter gradients over processes (no-op on one process).
 
@@ -646,7 +671,15 @@ class CoARSTrainer:
         samples = self.build_samples(episodes)
         metrics: dict[str, float] = {"step": float(self.step + 1), "time/generation_s": t_generate}
         for agent in cfg.trained_agents:
-            metrics.update(self.train_agent(agent, [s for s in samples if s.agent == agent]))
+            batch = self.pending[agent] + [s for s in samples if s.agent == agent]
+            update = self._enough_trained_turns(batch)
+            if update:
+                self.pending[agent] = []
+                metrics.update(self.train_agent(agent, batch))
+            else:  # too few to update on: keep the trained ones for the next step
+                self.pending[agent] = [s for s in batch if s.turn_mask > 0]
+            metrics[f"{agent}/updated"] = float(update)
+            metrics[f"{agent}/carried_turns"] = float(len(self.pending[agent]))
         generated = sum(
             len(t.completion_ids) for ep in episodes for t in ep.recommender + ep.user_agent
         )
@@ -796,6 +829,10 @@ class CoARSTrainer:
         root = self.output_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / (name or f"step_{self.step:06d}")
+        # Every process's carried turns (min_trained_turns), written by the main process.
+        all_pending = (
+            gather_object([self.pending]) if self.accelerator.num_processes > 1 else [self.pending]
+        )
         if self.accelerator.is_main_process:
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
             for agent in AGENTS:
@@ -809,6 +846,8 @@ class CoARSTrainer:
                 "config": asdict(self.config),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
+            if any(pending for per_process in all_pending for pending in per_process.values()):
+                torch.save(all_pending, tmp / "pending_turns.pt")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # a half-written checkpoint never has a final name
@@ -829,6 +868,11 @@ class CoARSTrainer:
         self.step = int(state["step"])
         self.best_hit = float(state["best_hit"])
         self.memory = {int(k): v for k, v in state["memory"].items()}
+        self.pending = {agent: [] for agent in AGENTS}
+        if (path / "pending_turns.pt").exists():
+            # Our own pickled TurnSamples (token ids, tensors), one dict per process.
+            all_pending = torch.load(path / "pending_turns.pt", weights_only=False)
+            self.pending = all_pending[self.accelerator.process_index]
 
     # ------------------------------------------------------------------ the loop
 

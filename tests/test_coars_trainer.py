@@ -52,6 +52,8 @@ PER_AGENT = [
     "frac_positive_credit",
     "trained_turns",
     "masked_turns",
+    "updated",
+    "carried_turns",
 ]
 
 
@@ -324,6 +326,37 @@ def test_rank_teacher_logs_the_hindsight_teachers_turn1_choice(tmp_path):
     assert logged["eval/teacher_turn1_target_prob"] == pytest.approx(teacher["target_prob"].mean())
     assert logged["eval/teacher_turn1_top_prob"] == pytest.approx(teacher["top_prob"].mean())
     assert logged["eval/teacher_turn1_target_prob"] != logged["eval/turn1_target_prob"]
+
+
+def test_min_trained_turns_carries_turns_over_steps_and_checkpoints(tmp_path):
+    waiting = make_trainer(tmp_path, total_steps=2, min_trained_turns=10**6, checkpoint_every=1)
+    before = snapshot(waiting)
+    history = waiting.train()
+    assert not changed(before, waiting), "no agent reached min_trained_turns: no update"
+    for agent in (RECOMMENDER, USER):
+        carried = [m[f"{agent}/carried_turns"] for m in history]
+        assert [m[f"{agent}/updated"] for m in history] == [0.0, 0.0]
+        assert 0 < carried[0] <= carried[1] == len(waiting.pending[agent])
+        assert all(s.turn_mask > 0 and s.agent == agent for s in waiting.pending[agent])
+        assert f"{agent}/loss" not in history[0]
+    # The carried turns are in the checkpoint, and a resumed run steps on them with its own.
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "pending_turns.pt").is_file()
+    resumed = make_trainer(tmp_path, total_steps=3, min_trained_turns=1)
+    resumed.load_checkpoint(resumed.checkpoint_dirs()[-1])
+    for agent in (RECOMMENDER, USER):
+        got, want = resumed.pending[agent], waiting.pending[agent]
+        assert [s.completion_ids for s in got] == [s.completion_ids for s in want]
+        assert [s.reward for s in got] == [s.reward for s in want]
+    carried = {agent: len(resumed.pending[agent]) for agent in (RECOMMENDER, USER)}
+    (metrics,) = resumed.train()
+    assert metrics["step"] == 3.0
+    for agent in (RECOMMENDER, USER):
+        assert metrics[f"{agent}/updated"] == 1.0 and metrics[f"{agent}/carried_turns"] == 0.0
+        assert metrics[f"{agent}/trained_turns"] >= carried[agent]
+        assert resumed.pending[agent] == []
+    assert changed(before, resumed)
+    with pytest.raises(ValueError, match="min_trained_turns must be >= 0"):
+        CoARSConfig(min_trained_turns=-1)
 
 
 def test_the_user_agent_can_sample_at_its_own_temperature(tmp_path):
