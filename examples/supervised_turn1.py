@@ -10,8 +10,8 @@ optimizer, learning rate and sessions per step as ``examples/train_coevolve.py``
 learning curve is the trainer's exact turn-1 ranking on held-out sessions
 (``eval/turn1_target_prob`` every ``--rank-every`` steps).
 
-If even this does not raise the held-out P(target) within N steps, no reward or credit
-design will within N steps: the limit is the data or the model, not the RL signal. Training
+If even this does not raise the held-out P(target) within N steps, a reward or credit design,
+with a weaker signal per session, is unlikely to: the data or the model limit it first. Training
 only: it reads the targets of training sessions (not a recommender for evaluation).
 
     python examples/supervised_turn1.py                  # SmolLM2, 12 steps, CPU: ~15 min
