@@ -799,15 +799,14 @@ class CoARSTrainer:
         metrics = turn1_ranking_metrics(ranking)
         probs = ranking["target_prob"].to_numpy(dtype=float)
         out = {
-            f"eval/{k}": float(metrics[k].mean) for k in ("turn1_target_prob", "hit@5", "ndcg@5")
+            **{
+                f"eval/{k}": float(metrics[k].mean)
+                for k in ("turn1_target_prob", "hit@5", "ndcg@5")
+            },
+            "eval/turn1_target_prob_se": float(probs.std() / math.sqrt(len(probs))),
+            "eval/target_rank": float(ranking["target_rank"].mean()),
+            "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
         }
-        out.update(
-            {
-                "eval/turn1_target_prob_se": float(probs.std() / math.sqrt(len(probs))),
-                "eval/target_rank": float(ranking["target_rank"].mean()),
-                "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
-            }
-        )
         if teacher is not None:
             out["eval/teacher_turn1_target_prob"] = float(teacher["target_prob"].mean())
             out["eval/teacher_turn1_top_prob"] = float(teacher["top_prob"].mean())
@@ -829,10 +828,10 @@ class CoARSTrainer:
         root = self.output_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / (name or f"step_{self.step:06d}")
-        # Every process's carried turns (min_trained_turns), written by the main process.
-        all_pending = (
-            gather_object([self.pending]) if self.accelerator.num_processes > 1 else [self.pending]
-        )
+        # Every process's carried turns (min_trained_turns), written by the main process; no
+        # collective when nothing can be carried.
+        gather = self.config.min_trained_turns > 0 and self.accelerator.num_processes > 1
+        all_pending = gather_object([self.pending]) if gather else [self.pending]
         if self.accelerator.is_main_process:
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
             for agent in AGENTS:

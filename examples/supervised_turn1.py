@@ -15,7 +15,7 @@ with a weaker signal per session, is unlikely to: the data or the model limit it
 only: it reads the targets of training sessions (not a recommender for evaluation).
 
     python examples/supervised_turn1.py                  # SmolLM2, 12 steps, CPU: ~15 min
-    python examples/supervised_turn1.py --steps 200 --train.mixed-precision bf16   # a GPU
+    python examples/supervised_turn1.py --steps 200 --mixed-precision bf16   # a GPU
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ def train_supervised(trainer: CoARSTrainer, steps: int) -> list[dict[str, float]
     for step in range(1, steps + 1):
         start = time.perf_counter()
         sessions = trainer.sample_sessions(step)
-        venv = venvs.setdefault(len(sessions), VectorRecDialogEnv(data, env_config, len(sessions)))
+        if len(sessions) not in venvs:  # one env per batch size, built once
+            venvs[len(sessions)] = VectorRecDialogEnv(data, env_config, len(sessions))
+        venv = venvs[len(sessions)]
         venv.reset(seed=cfg.seed + step, options=[{"session_id": s} for s in sessions])
         prompts, answers, n_forced = [], [], 0
         for env, session_id in zip(venv.envs, sessions):
