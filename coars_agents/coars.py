@@ -886,8 +886,14 @@ class CoARSTrainer:
         )
 
     def train(self) -> list[dict[str, float]]:
-        """Run (or resume) training; returns the logged metrics of this call."""
+        """Run (or resume) training; returns the logged metrics of this call.
+
+        It may be called again (e.g. after raising ``total_steps``), also with several
+        processes: it closes its trackers but leaves the process group up. A multi-process
+        script ends with ``trainer.accelerator.end_training()``, as Accelerate asks.
+        """
         cfg = self.config
+        first = len(self.history)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume and self.checkpoint_dirs():
             self.load_checkpoint(self.checkpoint_dirs()[-1])
@@ -927,8 +933,12 @@ class CoARSTrainer:
                 break
         bar.close()
         self._write_csv()
-        self.accelerator.end_training()
-        return self.history
+        # Not accelerator.end_training(): that also destroys the process group, after which a
+        # second train() (or any collective) fails with several processes.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()  # a second train() opens its own
+        return self.history[first:]
 
     def _out_of_time(self, started: float) -> bool:
         """Past ``time_limit_minutes``? Agreed by all processes (one stopping alone would

@@ -63,6 +63,7 @@ def main(args: Args) -> dict[str, dict[str, float]]:
         b = "-" if before is None else f"{before.get(key, math.nan):.3f}"
         print(f"| {label} | {b} | {after.get(key, math.nan):.3f} |")
     print(f"\nLogs and checkpoints: {args.train.output_dir}")
+    trainer.accelerator.end_training()  # with several processes: releases the process group
     return {"before": before or {}, "after": after}
 
 
