@@ -238,6 +238,13 @@ class CoARSConfig:
     what the credit term can teach at turn 1; a teacher that cannot read d (a small model)
     has nothing to pass on, and teacher and student share the adapter, so training can shrink
     the gap from either side. Doubles the ranking's cost."""
+    rank_user: bool = False
+    """With each turn-1 ranking, also the user agent's exact turn-1 P(accept) after the
+    recommender names the target and after it names a non-target, on the same sessions
+    (:func:`coars_agents.evaluate.turn1_user_judgements`): ``eval/user_accept_hit``,
+    ``eval/user_accept_miss`` and their paired gap ``eval/user_accept_gap`` (0: the user cannot
+    tell a hit from a miss) with its standard error. A low-noise curve of the user's alignment,
+    e.g. to see it drift to accepting everything. Two prefills per session."""
     checkpoint_every: int = 10
     """Save a checkpoint every N steps (and at the end)."""
     keep_last: int = 2
@@ -775,11 +782,15 @@ class CoARSTrainer:
         rank) and ``eval/turn1_top_prob`` (mean probability of the likeliest candidate: how
         peaked the choice is). No dialogue is played, so neither the user agent nor repeats
         play a part. With ``rank_teacher``, also the teacher's ``eval/teacher_turn1_target_prob``
-        and ``eval/teacher_turn1_top_prob`` (the same sessions, the hindsight context added)."""
+        and ``eval/teacher_turn1_top_prob`` (the same sessions, the hindsight context added);
+        with ``rank_user``, the user agent's ``eval/user_accept_hit``, ``eval/user_accept_miss``,
+        ``eval/user_accept_gap`` and ``eval/user_accept_gap_se``."""
         from coars_agents.evaluate import (
             select_sessions,
             turn1_choice_ranking,
             turn1_ranking_metrics,
+            turn1_user_judgements,
+            user_judgement_metrics,
         )
 
         cfg = self.config
@@ -788,14 +799,24 @@ class CoARSTrainer:
         sessions = select_sessions(
             len(data.sessions), n, cfg.seed if subset_seed is None else subset_seed
         )
-        agent = self.agents(greedy=True, use_adapters=use_adapters)[RECOMMENDER]
+        agents = self.agents(greedy=True, use_adapters=use_adapters)
         env_config = EnvConfig(**self.env_kwargs).replace(render_prompts=False)
         rank = functools.partial(
-            turn1_choice_ranking, agent, data, env_config, sessions, cfg.eval_batch_size
+            turn1_choice_ranking,
+            agents[RECOMMENDER],
+            data,
+            env_config,
+            sessions,
+            cfg.eval_batch_size,
         )
         with self._decoding_models() if use_adapters else nullcontext():
             ranking = rank()
             teacher = rank(hindsight=True) if cfg.rank_teacher else None
+            judgements = None
+            if cfg.rank_user:
+                judgements = turn1_user_judgements(
+                    agents[USER], data, env_config, sessions, cfg.eval_batch_size, seed=cfg.seed
+                )
         metrics = turn1_ranking_metrics(ranking)
         probs = ranking["target_prob"].to_numpy(dtype=float)
         out = {
@@ -810,6 +831,8 @@ class CoARSTrainer:
         if teacher is not None:
             out["eval/teacher_turn1_target_prob"] = float(teacher["target_prob"].mean())
             out["eval/teacher_turn1_top_prob"] = float(teacher["top_prob"].mean())
+        if judgements is not None:
+            out.update({f"eval/{k}": v for k, v in user_judgement_metrics(judgements).items()})
         return out
 
     def _decoding_models(self) -> AbstractContextManager[None]:

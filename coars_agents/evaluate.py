@@ -85,8 +85,10 @@ from coars_env.agents import (
 from coars_env.data.common import DialogData, Session
 from coars_env.dialog.config import EnvConfig
 from coars_env.dialog.env import RECOMMENDER, USER
+from coars_env.dialog.parsing import ACTION_NAMES, format_recommender
 from coars_env.logs import TrajectoryLogger, summarize_episode
 from coars_env.metrics import (
+    ACCEPT_ACTIONS,
     Estimate,
     always_accept_f1,
     evaluate_user_alignment,
@@ -360,9 +362,6 @@ def turn1_choice_ranking(
     """
     if not agent.constrained:
         raise ValueError("ranking by choice probability needs a constrained LLM recommender")
-    greedy = agent.sampling.greedy or agent.sampling.temperature == 0
-    temperature = 1.0 if greedy else agent.sampling.temperature
-    top_p = 1.0 if greedy else agent.sampling.top_p
     rows = []
     venvs: dict[int, VectorRecDialogEnv] = {}
     for chunk in tqdm(
@@ -381,14 +380,7 @@ def turn1_choice_ranking(
             ]
         prompts = [agent.policy.render(m) for m in messages]
         n_candidates = len(data.sessions[chunk[0]].candidates)
-        distributions = agent.policy.choice_probabilities(
-            prompts,
-            agent.template(n_candidates),
-            "item",
-            adapter=agent.adapter,
-            temperature=temperature,
-            top_p=top_p,
-        )
+        distributions = _choice_distributions(agent, prompts, n_candidates, "item")
         for session_id, probs in zip(chunk, distributions):
             session = data.sessions[session_id]
             p = np.array([probs.get(str(k + 1), 0.0) for k in range(len(session.candidates))])
@@ -405,10 +397,105 @@ def turn1_choice_ranking(
     return pd.DataFrame(rows, columns=["session_id", "target_rank", "target_prob", "top_prob"])
 
 
+def _choice_distributions(
+    agent: LLMAgent, prompts: list[list[int]], n_candidates: int, name: str
+) -> list[dict[str, float]]:
+    """The exact distribution of the agent's template choice ``name`` per prompt, at the
+    agent's temperature and top-p (1 and 1 for a greedy agent: the raw model's)."""
+    greedy = agent.sampling.greedy or agent.sampling.temperature == 0
+    return agent.policy.choice_probabilities(
+        prompts,
+        agent.template(n_candidates),
+        name,
+        adapter=agent.adapter,
+        temperature=1.0 if greedy else agent.sampling.temperature,
+        top_p=1.0 if greedy else agent.sampling.top_p,
+    )
+
+
 def _first_visit_reference(data: DialogData, session: Session) -> str:
     """The recommender teacher's d before any turn: the target and nothing to diagnose."""
     position = session.candidates.index(session.target)
     return recommender_reference(position, data.title(session.target), [], data.title)
+
+
+KINDS = ("hit", "miss")
+JUDGED_RATIONALE = "It matches your history."
+"""The recommender's rationale in the prompts of :func:`turn1_user_judgements` (fixed, so
+that only the recommended item differs between a session's hit and miss prompts)."""
+
+
+def turn1_user_judgements(
+    agent: LLMAgent,
+    data: DialogData,
+    config: EnvConfig,
+    session_ids: Sequence[int],
+    batch_size: int = 32,
+    *,
+    seed: int = 0,
+    rationale: str = JUDGED_RATIONALE,
+) -> pd.DataFrame:
+    """An LLM user agent's exact turn-1 action distribution on a hit and on a miss, per session.
+
+    For each session, the user's turn-1 prompt (rendered and shortened as in a rollout) after
+    the recommender names the target (``kind="hit"``), and after it names one non-target
+    candidate drawn uniformly from ``(seed, session_id)`` (``kind="miss"``), both with the
+    same ``rationale``. Each goes through
+    :meth:`~coars_agents.policy.LLMPolicy.choice_probabilities` over the user template's
+    ``action`` choice, at the agent's temperature (1 for a greedy agent). Whether the user
+    tells the two apart is the paired difference of ``p_accept``; an indiscriminate user has
+    the same ``p_accept`` on both (evaluation only: it reads the target).
+
+    Returns two rows per session, in the order of ``session_ids``: ``session_id``, ``kind``, ``position`` (0-based candidate
+    position recommended), ``p_accept`` (click or star, METHOD.md's accept) and ``p_<action>``
+    for each action.
+    """
+    if not agent.constrained:
+        raise ValueError("judgement probabilities need a constrained LLM user agent")
+    positions = {}
+    for session_id in session_ids:
+        session = data.sessions[session_id]
+        target = session.candidates.index(session.target)
+        others = [k for k in range(len(session.candidates)) if k != target]
+        miss = others[int(np.random.default_rng((seed, session_id)).integers(len(others)))]
+        positions[session_id] = dict(zip(KINDS, (target, miss)))
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    venvs: dict[int, VectorRecDialogEnv] = {}
+    for chunk in _chunks(list(session_ids), batch_size):
+        if len(chunk) not in venvs:
+            venvs[len(chunk)] = VectorRecDialogEnv(data, config, len(chunk))
+        venv = venvs[len(chunk)]
+        for kind in KINDS:
+            venv.reset(seed=0, options=[{"session_id": s} for s in chunk])
+            venv.step([format_recommender(positions[s][kind], rationale) for s in chunk])
+            budget = agent.sampling.max_new_tokens
+            prompts = [agent.policy.render(fit_prompt(e, agent.policy, budget)) for e in venv.envs]
+            n_candidates = len(data.sessions[chunk[0]].candidates)
+            distributions = _choice_distributions(agent, prompts, n_candidates, "action")
+            for session_id, probs in zip(chunk, distributions):
+                row = {"session_id": int(session_id), "kind": kind}
+                row["position"] = positions[session_id][kind]
+                row["p_accept"] = sum(probs.get(ACTION_NAMES[a], 0.0) for a in ACCEPT_ACTIONS)
+                row.update({f"p_{name}": probs.get(name, 0.0) for name in ACTION_NAMES})
+                rows[session_id, kind] = row
+    columns = ["session_id", "kind", "position", "p_accept"] + [f"p_{a}" for a in ACTION_NAMES]
+    ordered = [rows[s, kind] for s in session_ids for kind in KINDS]  # whatever the batching
+    return pd.DataFrame(ordered, columns=columns)
+
+
+def user_judgement_metrics(judgements: pd.DataFrame) -> dict[str, float]:
+    """``user_accept_hit`` and ``user_accept_miss`` (mean P(accept) after a hit and after a
+    miss), ``user_accept_gap`` (their paired difference: 0 for a user who cannot tell them
+    apart) and its standard error ``user_accept_gap_se``, from
+    :func:`turn1_user_judgements`."""
+    by_kind = judgements.pivot(index="session_id", columns="kind", values="p_accept")
+    gap = (by_kind["hit"] - by_kind["miss"]).to_numpy(dtype=float)
+    return {
+        "user_accept_hit": float(by_kind["hit"].mean()),
+        "user_accept_miss": float(by_kind["miss"].mean()),
+        "user_accept_gap": float(gap.mean()),
+        "user_accept_gap_se": float(gap.std() / math.sqrt(len(gap))),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,6 +671,7 @@ CURVE_METRICS = (
     ("eval/turn1_target_prob", "held-out: turn-1 P(target), exact"),
     ("eval/turn1_top_prob", "held-out: turn-1 P(likeliest candidate)"),
     ("eval/teacher_turn1_target_prob", "held-out: hindsight teacher's turn-1 P(target)"),
+    ("eval/user_accept_gap", "held-out: user P(accept | hit) - P(accept | miss)"),
 )
 """Panels of :func:`plot_learning_curves`: (``metrics.jsonl`` column, title)."""
 

@@ -304,7 +304,7 @@ def test_rank_every_logs_the_turn1_choice_curve_from_step_0(tmp_path):
     )
     assert 0.0 < untrained["eval/turn1_target_prob"] < 1.0
     assert untrained["eval/turn1_target_prob_se"] > 0.0
-    assert not any(k.startswith("eval/teacher_") for m in history for k in m)
+    assert not any(k.startswith(("eval/teacher_", "eval/user_")) for m in history for k in m)
 
 
 def test_rank_teacher_logs_the_hindsight_teachers_turn1_choice(tmp_path):
@@ -326,6 +326,27 @@ def test_rank_teacher_logs_the_hindsight_teachers_turn1_choice(tmp_path):
     assert logged["eval/teacher_turn1_target_prob"] == pytest.approx(teacher["target_prob"].mean())
     assert logged["eval/teacher_turn1_top_prob"] == pytest.approx(teacher["top_prob"].mean())
     assert logged["eval/teacher_turn1_target_prob"] != logged["eval/turn1_target_prob"]
+
+
+def test_rank_user_logs_the_user_agents_turn1_judgements(tmp_path):
+    from coars_agents.evaluate import (
+        select_sessions,
+        turn1_user_judgements,
+        user_judgement_metrics,
+    )
+    from coars_env.dialog.config import EnvConfig
+
+    trainer = make_trainer(tmp_path, total_steps=1, rank_every=1, eval_sessions=3, rank_user=True)
+    history = trainer.train()
+    sessions = select_sessions(len(trainer.eval_data.sessions), 3, trainer.config.seed)
+    agent = trainer.agents(greedy=True)[USER]
+    config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    judged = turn1_user_judgements(agent, trainer.eval_data, config, sessions, seed=0)
+    expected = user_judgement_metrics(judged)
+    for key in ("user_accept_hit", "user_accept_miss", "user_accept_gap", "user_accept_gap_se"):
+        assert history[-1][f"eval/{key}"] == pytest.approx(expected[key])
+        assert f"eval/{key}" in history[0]  # the curve starts before the first step
+    assert not any(k.startswith("eval/teacher_") for m in history for k in m)
 
 
 def test_min_trained_turns_carries_turns_over_steps_and_checkpoints(tmp_path):

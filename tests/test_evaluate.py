@@ -13,6 +13,7 @@ from tinydata import tiny_dialog_data
 
 from coars_agents import evaluate as ev
 from coars_agents.evaluate import (
+    JUDGED_RATIONALE,
     METRIC_ORDER,
     chance_levels,
     comparison_table,
@@ -24,12 +25,15 @@ from coars_agents.evaluate import (
     scripted_ranking,
     select_sessions,
     turn1_choice_ranking,
+    turn1_user_judgements,
+    user_judgement_metrics,
 )
 from coars_agents.hindsight import recommender_reference, with_reference
 from coars_agents.policy import LLMPolicy, SamplingConfig
 from coars_agents.rollout import LLMAgent, fit_prompt
 from coars_env.agents import PopularityRecommender, SessionIndex
 from coars_env.dialog.config import EnvConfig
+from coars_env.dialog.parsing import format_recommender
 from coars_env.logs import read_trajectories
 from coars_env.vector import VectorRecDialogEnv
 
@@ -243,6 +247,65 @@ def test_llm_recommender_ranks_candidates_by_its_turn1_choice_probabilities(tiny
     )
     assert skipped["turn1_target_prob"].n == skipped["hit@5"].n == 0
     assert list(skipped.episodes["hit"]) == list(r.episodes[r.episodes["seed"] == 0]["hit"])
+
+
+def test_llm_user_judges_a_hit_and_a_miss_by_its_exact_action_probabilities(tiny, policy):
+    agent = LLMAgent(policy, "user", sampling=GREEDY, reason_tokens=4)
+    config = EnvConfig(**SHORT_PROMPTS, max_turns=2).replace(render_prompts=False)
+    judged = turn1_user_judgements(agent, tiny, config, range(5), batch_size=2, seed=0)
+    assert len(judged) == 10
+    assert list(zip(judged["session_id"], judged["kind"])) == [
+        (s, kind) for s in range(5) for kind in ("hit", "miss")
+    ]
+    for row in judged.itertuples():
+        session = tiny.sessions[row.session_id]
+        target = session.candidates.index(session.target)
+        assert (row.position == target) == (row.kind == "hit")
+        assert 0 <= row.position < len(session.candidates)
+        assert row.p_click + row.p_star + row.p_skip + row.p_dislike == pytest.approx(1.0)
+        assert row.p_accept == pytest.approx(row.p_click + row.p_star)
+    # The misses are seeded per session: the same seed draws the same, another seed others.
+    again = turn1_user_judgements(agent, tiny, config, range(5), batch_size=5, seed=0)
+    other = turn1_user_judgements(agent, tiny, config, range(5), batch_size=5, seed=1)
+    assert again["position"].tolist() == judged["position"].tolist()
+    assert np.allclose(again["p_accept"], judged["p_accept"])  # batching changes nothing
+    assert other["position"].tolist() != judged["position"].tolist()
+    # The same numbers as the policy's own choice_probabilities on the user's turn-1 prompt.
+    miss = judged[(judged["session_id"] == 3) & (judged["kind"] == "miss")].iloc[0]
+    venv = VectorRecDialogEnv(tiny, config, 1)
+    venv.reset(seed=0, options=[{"session_id": 3}])
+    venv.step([format_recommender(int(miss["position"]), JUDGED_RATIONALE)])
+    prompt = policy.render(fit_prompt(venv.envs[0], policy, GREEDY.max_new_tokens))
+    (probs,) = policy.choice_probabilities([prompt], agent.template(20), "action")
+    assert miss["p_accept"] == pytest.approx(probs["click"] + probs["star"])
+    assert miss["p_dislike"] == pytest.approx(probs["dislike"])
+    hits, misses = (judged[judged["kind"] == k]["p_accept"].to_numpy() for k in ("hit", "miss"))
+    assert not np.allclose(hits, misses)  # the prompts differ in the item judged
+    metrics = user_judgement_metrics(judged)
+    assert metrics["user_accept_hit"] == pytest.approx(hits.mean())
+    assert metrics["user_accept_gap"] == pytest.approx((hits - misses).mean())
+    with pytest.raises(ValueError, match="constrained LLM user"):
+        turn1_user_judgements(
+            LLMAgent(policy, "user", sampling=GREEDY, constrained=False), tiny, config, [0]
+        )
+
+
+def test_user_judgement_metrics_from_hand_set_probabilities():
+    judged = pd.DataFrame(
+        {
+            "session_id": [0, 0, 1, 1],
+            "kind": ["hit", "miss", "miss", "hit"],
+            "p_accept": [0.9, 0.3, 0.5, 0.5],
+        }
+    )
+    assert user_judgement_metrics(judged) == pytest.approx(
+        {
+            "user_accept_hit": 0.7,
+            "user_accept_miss": 0.4,
+            "user_accept_gap": 0.3,
+            "user_accept_gap_se": 0.3 / math.sqrt(2),  # paired gaps 0.6 and 0.0
+        }
+    )
 
 
 # ------------------------------------------------------------------------------ outputs, CLI
