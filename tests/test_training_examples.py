@@ -335,3 +335,35 @@ def test_supervised_turn1_fits_the_targets_of_its_training_sessions(tmp_path, ti
     assert gained > len(trained) / 2
     with pytest.raises(ValueError, match="steps must be >= 1"):
         example.train_supervised(trainer, 0)
+
+
+# ------------------------------------------------------------------------------ user reward push
+
+
+def test_user_reward_push_follows_the_masked_reward(tmp_path, tiny_train):
+    example = load_example("user_reward_push")
+    config = CoARSConfig(output_dir=str(tmp_path / "push"), **tiny_train)
+    summary = example.main(example.Args(sessions=3, train=config))
+    table = pd.read_csv(tmp_path / "push" / "user_reward_push.csv")
+    assert json.loads((tmp_path / "push" / "user_reward_push.json").read_text()) == summary
+    assert sorted(table["kind"]) == ["hit"] * 3 + ["miss"] * 3
+    hits, misses = table[table["kind"] == "hit"], table[table["kind"] == "miss"]
+    # Accepted misses are masked; a hit pays for accepting and costs for rejecting; rejecting
+    # a miss pays (R_user's signs, with |alpha q (2s - 1)| <= 0.1 unable to flip them).
+    assert (misses["reward_accept"] == 0.0).all()
+    assert (hits["reward_accept"] > 0).all() and (hits["reward_reject"] < 0).all()
+    assert (misses["reward_reject"] > 0).all()
+    p = table["p_accept"]
+    expected = p * (1 - p) * (table["reward_accept"] - table["reward_reject"])
+    assert np.allclose(table["push"], expected)
+    assert (hits["push"] > 0).all() and (misses["push"] < 0).all()
+    # The break-even hit rate balances the two cases' mean pushes.
+    f = summary["break_even_hit_rate"]
+    assert 0 < f < 1
+    assert f * summary["hit/push"] + (1 - f) * summary["miss/push"] == pytest.approx(0, abs=1e-12)
+    assert summary["hit/p_accept"] == pytest.approx(hits["p_accept"].mean())
+    for action in ("click", "star", "skip", "dislike"):  # each score mean lies in its interval
+        low, high = {"click": (0.8, 1), "star": (0.55, 0.75), "skip": (0.3, 0.5)}.get(
+            action, (0, 0.25)
+        )
+        assert table[f"score_{action}"].between(low - 1e-9, high + 1e-9).all()
