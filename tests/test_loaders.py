@@ -468,6 +468,19 @@ def test_data_root_resolution(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- synthetic
 
 
+def test_synthetic_taste_targets_and_bad_settings():
+    data, tastes = generate_synthetic(0, n_users=50, taste_targets=2)
+    primary = data.items["genres"].str.split("|").str[0]
+    last = data.interactions.groupby("user_id")["item_id"].agg(list)
+    assert all((primary[items[-2:]] == tastes.loc[u, "primary"]).all() for u, items in last.items())
+    # The third-last item is an ordinary history draw: off the primary genre for some users.
+    assert any(primary[items[-3]] != tastes.loc[u, "primary"] for u, items in last.items())
+    with pytest.raises(ValueError, match="taste_targets"):
+        generate_synthetic(0, taste_targets=0)
+    with pytest.raises(ValueError, match="unseen items of their genre left"):
+        generate_synthetic(0, n_users=5, min_len=40, max_len=40, taste_targets=25)
+
+
 def test_synthetic_is_deterministic_per_seed():
     a, b, c = (load_interactions("synthetic", seed=s) for s in (0, 0, 1))
     pd.testing.assert_frame_equal(a.interactions, b.interactions)
@@ -489,8 +502,10 @@ def test_synthetic_carries_a_learnable_taste_signal():
     for user, group in data.interactions.groupby("user_id"):
         seq = group["item_id"].to_numpy()
         target_genre = primary[seq[-1]]
-        assert target_genre == tastes.loc[user, "primary"]  # targets follow the latent taste
-        hits += primary[seq[:-2]].value_counts().idxmax() == target_genre  # visible in history
+        # The training, validation and test targets all follow the latent taste.
+        assert (primary[seq[-3:]] == tastes.loc[user, "primary"]).all()
+        assert len(set(seq)) == len(seq)  # targets are unseen items
+        hits += primary[seq[:-3]].value_counts().idxmax() == target_genre  # visible in history
         negatives = rng.choice(np.setdiff1d(data.items.index, seq), 19, replace=False)
         same_genre_negatives.append((primary[negatives] == target_genre).sum())
     assert hits / len(tastes) > 0.85
