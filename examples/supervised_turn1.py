@@ -92,7 +92,15 @@ def train_supervised(trainer: CoARSTrainer, steps: int) -> list[dict[str, float]
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.unlink(missing_ok=True)  # a rerun starts over: no resume for a probe
-    history = [{"step": 0.0, **trainer.rank_turn1()}]
+    history: list[dict[str, float]] = []
+
+    def log(row: dict[str, float]) -> None:  # row by row, so a killed probe keeps its curve
+        history.append(row)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print({k: round(v, 4) for k, v in row.items()}, flush=True)
+
+    log({"step": 0.0, **trainer.rank_turn1()})
     venvs: dict[int, VectorRecDialogEnv] = {}
     for step in range(1, steps + 1):
         start = time.perf_counter()
@@ -129,10 +137,7 @@ def train_supervised(trainer: CoARSTrainer, steps: int) -> list[dict[str, float]
         row = {"step": float(step), "loss": total, "seconds": time.perf_counter() - start}
         if cfg.rank_every and (step % cfg.rank_every == 0 or step == steps):
             row.update(trainer.rank_turn1())
-        history.append(row)
-        print({k: round(v, 4) for k, v in row.items()}, flush=True)
-    with open(log_path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
+        log(row)
     return history
 
 

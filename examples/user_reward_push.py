@@ -22,7 +22,7 @@ Left out: the credit term (lambda = 0.1) and the rationale tokens, so this is th
 on the decision alone, at one prompt per session; the score distribution of each action is
 computed with that action written out in the prompt. Evaluation only: it reads the targets.
 
-    python examples/user_reward_push.py              # SmolLM2, 40 validation sessions, CPU: ~5 min
+    python examples/user_reward_push.py              # SmolLM2, 40 validation sessions, CPU: ~13 min
 """
 
 from __future__ import annotations
