@@ -425,6 +425,34 @@ JUDGED_RATIONALE = "It matches your history."
 that only the recommended item differs between a session's hit and miss prompts)."""
 
 
+def user_turn1_prompts(
+    agent: LLMAgent,
+    data: DialogData,
+    config: EnvConfig,
+    judged: Sequence[tuple[int, int]],
+    batch_size: int = 32,
+    *,
+    rationale: str = JUDGED_RATIONALE,
+) -> tuple[list[list[int]], list[float]]:
+    """The user agent's turn-1 prompts (token ids, rendered and shortened as in a rollout)
+    after the recommender names candidate ``position`` (0-based) of session ``session_id``
+    with ``rationale``, for each ``(session_id, position)`` of ``judged``; and the peer score
+    q of each judged item (METHOD.md's q_t, which R_user uses)."""
+    prompts: list[list[int]] = []
+    peer_scores: list[float] = []
+    venvs: dict[int, VectorRecDialogEnv] = {}
+    for chunk in _chunks(list(judged), batch_size):
+        if len(chunk) not in venvs:
+            venvs[len(chunk)] = VectorRecDialogEnv(data, config, len(chunk))
+        venv = venvs[len(chunk)]
+        venv.reset(seed=0, options=[{"session_id": s} for s, _ in chunk])
+        observations, *_ = venv.step([format_recommender(p, rationale) for _, p in chunk])
+        budget = agent.sampling.max_new_tokens
+        prompts += [agent.policy.render(fit_prompt(e, agent.policy, budget)) for e in venv.envs]
+        peer_scores += [float(obs[USER]["peer"][0]) for obs in observations]
+    return prompts, peer_scores
+
+
 def turn1_user_judgements(
     agent: LLMAgent,
     data: DialogData,
@@ -437,8 +465,8 @@ def turn1_user_judgements(
 ) -> pd.DataFrame:
     """An LLM user agent's exact turn-1 action distribution on a hit and on a miss, per session.
 
-    For each session, the user's turn-1 prompt (rendered and shortened as in a rollout) after
-    the recommender names the target (``kind="hit"``), and after it names one non-target
+    For each session, the user's turn-1 prompt (:func:`user_turn1_prompts`) after the
+    recommender names the target (``kind="hit"``), and after it names one non-target
     candidate drawn uniformly from ``(seed, session_id)`` (``kind="miss"``), both with the
     same ``rationale``. Each goes through
     :meth:`~coars_agents.policy.LLMPolicy.choice_probabilities` over the user template's
@@ -446,41 +474,36 @@ def turn1_user_judgements(
     tells the two apart is the paired difference of ``p_accept``; an indiscriminate user has
     the same ``p_accept`` on both (evaluation only: it reads the target).
 
-    Returns two rows per session, in the order of ``session_ids``: ``session_id``, ``kind``, ``position`` (0-based candidate
-    position recommended), ``p_accept`` (click or star, METHOD.md's accept) and ``p_<action>``
-    for each action.
+    Returns two rows per session, in the order of ``session_ids``: ``session_id``, ``kind``,
+    ``position`` (0-based candidate position recommended), ``p_accept`` (click or star,
+    METHOD.md's accept), ``p_<action>`` for each action and ``q`` (the item's peer score).
     """
     if not agent.constrained:
         raise ValueError("judgement probabilities need a constrained LLM user agent")
-    positions = {}
+    judged = []
     for session_id in session_ids:
         session = data.sessions[session_id]
         target = session.candidates.index(session.target)
         others = [k for k in range(len(session.candidates)) if k != target]
         miss = others[int(np.random.default_rng((seed, session_id)).integers(len(others)))]
-        positions[session_id] = dict(zip(KINDS, (target, miss)))
-    rows: dict[tuple[int, str], dict[str, Any]] = {}
-    venvs: dict[int, VectorRecDialogEnv] = {}
-    for chunk in _chunks(list(session_ids), batch_size):
-        if len(chunk) not in venvs:
-            venvs[len(chunk)] = VectorRecDialogEnv(data, config, len(chunk))
-        venv = venvs[len(chunk)]
-        for kind in KINDS:
-            venv.reset(seed=0, options=[{"session_id": s} for s in chunk])
-            venv.step([format_recommender(positions[s][kind], rationale) for s in chunk])
-            budget = agent.sampling.max_new_tokens
-            prompts = [agent.policy.render(fit_prompt(e, agent.policy, budget)) for e in venv.envs]
-            n_candidates = len(data.sessions[chunk[0]].candidates)
-            distributions = _choice_distributions(agent, prompts, n_candidates, "action")
-            for session_id, probs in zip(chunk, distributions):
-                row = {"session_id": int(session_id), "kind": kind}
-                row["position"] = positions[session_id][kind]
-                row["p_accept"] = sum(probs.get(ACTION_NAMES[a], 0.0) for a in ACCEPT_ACTIONS)
-                row.update({f"p_{name}": probs.get(name, 0.0) for name in ACTION_NAMES})
-                rows[session_id, kind] = row
+        judged += [(session_id, target), (session_id, miss)]  # the order of KINDS
+    prompts, peer_scores = user_turn1_prompts(
+        agent, data, config, judged, batch_size, rationale=rationale
+    )
+    n_candidates = len(data.sessions[judged[0][0]].candidates) if judged else 0
+    distributions = [  # batch_size prompts a pass, bounding memory as the ranking does
+        probs
+        for chunk in _chunks(prompts, batch_size)
+        for probs in _choice_distributions(agent, list(chunk), n_candidates, "action")
+    ]
+    rows = []
+    for i, ((session_id, position), probs) in enumerate(zip(judged, distributions)):
+        row = {"session_id": int(session_id), "kind": KINDS[i % 2], "position": position}
+        row["p_accept"] = sum(probs.get(ACTION_NAMES[a], 0.0) for a in ACCEPT_ACTIONS)
+        row.update({f"p_{name}": probs.get(name, 0.0) for name in ACTION_NAMES})
+        rows.append({**row, "q": peer_scores[i]})
     columns = ["session_id", "kind", "position", "p_accept"] + [f"p_{a}" for a in ACTION_NAMES]
-    ordered = [rows[s, kind] for s in session_ids for kind in KINDS]  # whatever the batching
-    return pd.DataFrame(ordered, columns=columns)
+    return pd.DataFrame(rows, columns=columns + ["q"])
 
 
 def user_judgement_metrics(judgements: pd.DataFrame) -> dict[str, float]:

@@ -37,13 +37,11 @@ import tyro
 
 from coars_agents.coars import CoARSConfig, CoARSTrainer
 from coars_agents.constrained import DEFAULT_USER_FORMAT, Choice, Free, Template, score_choices
-from coars_agents.evaluate import JUDGED_RATIONALE, select_sessions, turn1_user_judgements
-from coars_agents.rollout import fit_prompt
+from coars_agents.evaluate import select_sessions, turn1_user_judgements, user_turn1_prompts
 from coars_env.dialog.config import EnvConfig
 from coars_env.dialog.env import USER
-from coars_env.dialog.parsing import ACTION_NAMES, format_recommender
+from coars_env.dialog.parsing import ACTION_NAMES
 from coars_env.dialog.rewards import POSITIVE_ACTIONS, reward_user
-from coars_env.vector import VectorRecDialogEnv
 
 ACCEPTING = [ACTION_NAMES[a] for a in sorted(POSITIVE_ACTIONS)]
 
@@ -89,14 +87,9 @@ def push_table(trainer: CoARSTrainer, n_sessions: int) -> pd.DataFrame:
     judged = turn1_user_judgements(
         agent, data, env_config, sessions, cfg.eval_batch_size, seed=cfg.seed
     )
-    venv = VectorRecDialogEnv(data, env_config, 1)
-    prompts, peer_scores = [], []
-    for row in judged.itertuples():  # the very prompts the judgements were computed on
-        venv.reset(seed=0, options=[{"session_id": row.session_id}])
-        observations, *_ = venv.step([format_recommender(row.position, JUDGED_RATIONALE)])
-        budget = agent.sampling.max_new_tokens
-        prompts.append(trainer.policy.render(fit_prompt(venv.envs[0], trainer.policy, budget)))
-        peer_scores.append(float(observations[0][USER]["peer"][0]))  # q of the item judged
+    # The very prompts the judgements were computed on, for the score distributions.
+    pairs = list(zip(judged["session_id"], judged["position"]))
+    prompts, _ = user_turn1_prompts(agent, data, env_config, pairs, cfg.eval_batch_size)
     scores = score_distributions(trainer, prompts)
     rows = []
     for i, row in enumerate(judged.itertuples()):
@@ -107,7 +100,7 @@ def push_table(trainer: CoARSTrainer, n_sessions: int) -> pd.DataFrame:
                 mean_reward[action] = 0.0  # masked: no loss
                 continue
             mean_reward[action] = sum(
-                p * reward_user(hit, float(s), peer_scores[i], alpha=cfg.alpha)
+                p * reward_user(hit, float(s), row.q, alpha=cfg.alpha)
                 for s, p in scores[action][i].items()
             )
         p_action = {a: getattr(row, f"p_{a}") for a in ACTION_NAMES}
@@ -129,7 +122,7 @@ def push_table(trainer: CoARSTrainer, n_sessions: int) -> pd.DataFrame:
                     f"score_{a}": sum(float(s) * p for s, p in scores[a][i].items())
                     for a in p_action
                 },
-                "q": peer_scores[i],
+                "q": row.q,
             }
         )
     return pd.DataFrame(rows)

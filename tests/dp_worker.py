@@ -20,6 +20,8 @@ from test_coars_trainer import TINY  # noqa: E402
 from coars_agents.coars import CoARSConfig, CoARSTrainer  # noqa: E402
 from coars_env.dialog.env import RECOMMENDER  # noqa: E402
 
+CARRY = dict(train_agents="recommender", checkpoint_every=1)  # the min_trained_turns phases
+
 
 def make_trainer(out: str, **overrides) -> CoARSTrainer:
     config = CoARSConfig(output_dir=out, **{**TINY, **overrides})
@@ -89,9 +91,6 @@ def resume(out: str, minimum: str) -> None:
         {"loaded": loaded, "last": last, "after": adapters(trainer)},
         Path(out) / f"resume{trainer.accelerator.process_index}.pt",
     )
-
-
-CARRY = dict(train_agents="recommender", checkpoint_every=1)
 
 
 if __name__ == "__main__":

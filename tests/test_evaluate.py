@@ -274,7 +274,8 @@ def test_llm_user_judges_a_hit_and_a_miss_by_its_exact_action_probabilities(tiny
     miss = judged[(judged["session_id"] == 3) & (judged["kind"] == "miss")].iloc[0]
     venv = VectorRecDialogEnv(tiny, config, 1)
     venv.reset(seed=0, options=[{"session_id": 3}])
-    venv.step([format_recommender(int(miss["position"]), JUDGED_RATIONALE)])
+    observations, *_ = venv.step([format_recommender(int(miss["position"]), JUDGED_RATIONALE)])
+    assert miss["q"] == pytest.approx(float(observations[0]["user"]["peer"][0]))
     prompt = policy.render(fit_prompt(venv.envs[0], policy, GREEDY.max_new_tokens))
     (probs,) = policy.choice_probabilities([prompt], agent.template(20), "action")
     assert miss["p_accept"] == pytest.approx(probs["click"] + probs["star"])
