@@ -102,6 +102,7 @@ from coars_env.metrics import (
 from coars_env.vector import VectorRecDialogEnv
 
 __all__ = [
+    "JUDGED_RATIONALE",
     "METRIC_ORDER",
     "SCRIPTED_RECOMMENDERS",
     "SCRIPTED_USERS",
@@ -120,6 +121,9 @@ __all__ = [
     "run",
     "turn1_choice_ranking",
     "turn1_ranking_metrics",
+    "turn1_user_judgements",
+    "user_judgement_metrics",
+    "user_turn1_prompts",
 ]
 
 AgentSpec = str | Agent
