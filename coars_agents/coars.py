@@ -98,6 +98,9 @@ class CoARSConfig:
     """T: dialogue turns per session (the paper uses 5; 3 keeps CPU runs short)."""
     history_items: int = 10
     """Visible history items in prompts."""
+    num_candidates: int = 20
+    """Candidate-set size, target included (the paper: 20). Fewer candidates make shorter
+    prompts and an easier first choice (chance 1/N), e.g. for CPU-scale learning runs."""
     item_summaries: bool = False
     """Show items' one-line summaries in prompts (CPU preset: titles, years and genres only;
     summaries make prompts about 60% longer)."""
@@ -269,6 +272,8 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if self.num_candidates < 2:
+            raise ValueError(f"num_candidates must be >= 2, got {self.num_candidates}")
         if self.min_trained_turns < 0:
             raise ValueError(f"min_trained_turns must be >= 0, got {self.min_trained_turns}")
         if self.temperature <= 0 or (
@@ -331,6 +336,7 @@ def load_run_data(config: CoARSConfig, split: str) -> DialogData:
     if mode == "default":
         mode = "random" if "synthetic" in config.env_id else "sasrec"
     kwargs.setdefault("candidate_mode", mode)
+    kwargs.setdefault("num_candidates", config.num_candidates)
     return load_dialog_data(config.env_id, split=split, **kwargs)
 
 

@@ -276,6 +276,25 @@ def test_bad_configs_are_rejected():
     for bad in (dict(rank_every=-1), dict(eval_every=-2), dict(checkpoint_every=0)):
         with pytest.raises(ValueError, match="rank_every"):
             CoARSConfig(**bad)
+    with pytest.raises(ValueError, match="num_candidates must be >= 2, got 1"):
+        CoARSConfig(num_candidates=1)
+
+
+def test_num_candidates_sets_the_run_data_candidate_lists():
+    from evaltools import SYNTHETIC_DATA
+
+    from coars_agents.coars import load_run_data
+
+    config = CoARSConfig(num_candidates=6, data_overrides=dict(SYNTHETIC_DATA))
+    data = load_run_data(config, "valid")
+    assert {len(s.candidates) for s in data.sessions} == {6}
+    assert all(s.target in s.candidates for s in data.sessions)
+    default = load_run_data(CoARSConfig(data_overrides=dict(SYNTHETIC_DATA)), "valid")
+    assert {len(s.candidates) for s in default.sessions} == {20}
+    # Each session keeps its user and target: only the negatives are fewer.
+    assert [(s.user, s.target) for s in data.sessions] == [
+        (s.user, s.target) for s in default.sessions
+    ]
 
 
 def test_rank_every_logs_the_turn1_choice_curve_from_step_0(tmp_path):
