@@ -174,8 +174,9 @@ class CoARSConfig:
     Outcome rewards (+-1) have no such spread: an all-miss group gets 0 either way."""
     train_agents: Literal["both", "recommender", "user"] = "both"
     """Which adapters learn (the ablations train one)."""
-    exclude_miss_positive: Literal["user", "both"] = "user"
-    """Who loses miss-but-positive turns (METHOD.md default: the user agent only)."""
+    exclude_miss_positive: Literal["user", "both", "none"] = "user"
+    """Who loses miss-but-positive turns (METHOD.md default: the user agent only; ``none``:
+    nobody, so the user agent learns from its accepted misses' negative reward)."""
     train_forced_tokens: bool = False
     """Include template tokens that constrained decoding forced (no choice) in the loss."""
 

@@ -10,7 +10,8 @@ accepting (click or star) is then
 
     push_c = P_c(accept) (1 - P_c(accept)) (E[R | c, accept] - E[R | c, reject])
 
-where a masked judgement counts as reward 0 (it adds nothing to the loss) and each action's
+where a masked judgement counts as reward 0 (it adds nothing to the loss; with
+``--exclude-miss-positive none`` no judgement is masked) and each action's
 reward is averaged over the user's own score distribution for that action. Training mixes the
 cases in the proportion of hits among the judged turns, f (the recommender's hit rate): the
 total push f push_hit + (1 - f) push_miss is positive towards accepting everything and
@@ -58,7 +59,8 @@ class Args:
             eval_alignment_users=0, tensorboard=False, output_dir="runs/user_reward_push"
         )
     )
-    """Model, data, reward (alpha) and user settings (the trainer's fields; nothing is
+    """Model, data, reward (alpha, exclude_miss_positive) and user settings (the trainer's
+    fields; nothing is
     trained). ``resume`` loads the user adapter of the latest checkpoint in ``output_dir``,
     to analyse a trained user."""
 
@@ -83,6 +85,7 @@ def push_table(trainer: CoARSTrainer, n_sessions: int) -> pd.DataFrame:
     cfg, data = trainer.config, trainer.eval_data
     agent = trainer.agents(greedy=True)[USER]
     env_config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    masked = cfg.exclude_miss_positive != "none"  # accepted misses carry no loss
     sessions = select_sessions(len(data.sessions), n_sessions, cfg.seed)
     judged = turn1_user_judgements(
         agent, data, env_config, sessions, cfg.eval_batch_size, seed=cfg.seed
@@ -96,7 +99,7 @@ def push_table(trainer: CoARSTrainer, n_sessions: int) -> pd.DataFrame:
         hit = row.kind == "hit"
         mean_reward = {}
         for action in ACTION_NAMES:
-            if not hit and action in ACCEPTING:
+            if masked and not hit and action in ACCEPTING:
                 mean_reward[action] = 0.0  # masked: no loss
                 continue
             mean_reward[action] = sum(

@@ -232,6 +232,10 @@ def test_miss_but_positive_masked_for_user_only(data):
     env = RecDialogEnv(data, exclude_miss_positive="both")
     _, (t1,) = play(env, [0, u(STAR, 0.7)])
     assert (t1["mask_rec"], t1["mask_user"]) == (0.0, 0.0)
+    env = RecDialogEnv(data, exclude_miss_positive="none")  # the ablation: nothing masked
+    _, (t1,) = play(env, [0, u(STAR, 0.7)])
+    assert (t1["mask_rec"], t1["mask_user"]) == (1.0, 1.0)
+    assert t1["reward_user"] == pytest.approx(-0.4 * 1.04, abs=EXACT)
 
 
 def test_wrong_click_terminates(data):

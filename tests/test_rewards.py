@@ -69,6 +69,15 @@ def test_miss_but_positive_masks_user_only_by_default():
     assert (out.mask_rec, out.mask_user) == (1.0, 0.0)
     both = turn_outcome(hit=False, t=1, action=CLICK, s=0.9, q=0.0, exclude_miss_positive="both")
     assert (both.mask_rec, both.mask_user) == (0.0, 0.0)
+    # "none": the user learns from its accepted miss, with the reward the mask hid.
+    none = turn_outcome(hit=False, t=1, action=STAR, s=0.7, q=-1.0, exclude_miss_positive="none")
+    assert (none.reward_rec, none.reward_user) == (out.reward_rec, out.reward_user)
+    assert (none.mask_rec, none.mask_user) == (1.0, 1.0)
+    # A repeat still leaves the user's turn out: "hit" was overridden by rule.
+    repeat = turn_outcome(
+        hit=False, t=2, action=CLICK, s=0.9, q=0.0, repeat=True, exclude_miss_positive="none"
+    )
+    assert repeat.mask_user == 0.0
 
 
 def test_recommender_format_failure():

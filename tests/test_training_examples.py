@@ -4,6 +4,7 @@ plots the evaluator draws from training logs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -367,3 +368,15 @@ def test_user_reward_push_follows_the_masked_reward(tmp_path, tiny_train):
             action, (0, 0.25)
         )
         assert table[f"score_{action}"].between(low - 1e-9, high + 1e-9).all()
+    # Without the mask, accepted misses cost (R_user < 0 for s > 0.5), the hits are unchanged
+    # and every miss pushes harder towards rejecting.
+    unmasked = dataclasses.replace(
+        config, exclude_miss_positive="none", output_dir=str(tmp_path / "none")
+    )
+    example.main(example.Args(sessions=3, train=unmasked))
+    none = pd.read_csv(tmp_path / "none" / "user_reward_push.csv")
+    pd.testing.assert_frame_equal(none[none["kind"] == "hit"], hits)
+    none_misses = none[none["kind"] == "miss"]
+    assert (none_misses["reward_accept"] < 0).all()
+    assert np.allclose(none_misses["reward_reject"], misses["reward_reject"])
+    assert (none_misses["push"] < misses["push"]).all()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-ExcludeMissPositive = Literal["user", "both"]
+ExcludeMissPositive = Literal["user", "both", "none"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class EnvConfig:
     exclude_miss_positive: ExcludeMissPositive = "user"
     """Who loses the turns where the recommendation missed but the user responded
     positively (star or click): ``"user"`` masks them for the user agent only (METHOD.md
-    default); ``"both"`` masks them for the recommender too."""
+    default); ``"both"`` masks them for the recommender too; ``"none"`` masks them for
+    neither, so the user agent's accepted misses carry their (negative) reward (an ablation
+    of the mask, ours)."""
 
     # --- what the agents and the infos see ------------------------------------------------
     reveal_target: bool = False
@@ -99,9 +101,10 @@ class EnvConfig:
             raise ValueError(
                 f"format_penalty is added to the reward and must be <= 0, got {self.format_penalty}"
             )
-        if self.exclude_miss_positive not in ("user", "both"):
+        if self.exclude_miss_positive not in ("user", "both", "none"):
             raise ValueError(
-                f"exclude_miss_positive must be 'user' or 'both', got {self.exclude_miss_positive!r}"
+                "exclude_miss_positive must be 'user', 'both' or 'none', got "
+                f"{self.exclude_miss_positive!r}"
             )
         for name in (
             "max_history_items",

@@ -95,7 +95,8 @@ def turn_outcome(
           ``mask_user = 0`` (the reward is still computed, with hit = False).
         - user format failure: a skip with ``s = 0.5`` (so ``R_user = penalty``).
         - miss-but-positive (miss and star/click): ``mask_user = 0``; also
-          ``mask_rec = 0`` when ``exclude_miss_positive == "both"``.
+          ``mask_rec = 0`` when ``exclude_miss_positive == "both"``; neither mask when it
+          is ``"none"`` (the ablation of the mask).
         - no mask removes a penalty: an agent that was penalised this turn has mask 1.
     """
     if rec_failure:
@@ -106,7 +107,7 @@ def turn_outcome(
     r_rec = reward_rec(hit, t, s, gamma=gamma)
     r_user = reward_user(hit, s, q, alpha=alpha)
     mask_rec = mask_user = 1.0
-    if is_miss_positive(hit, action):
+    if is_miss_positive(hit, action) and exclude_miss_positive != "none":
         mask_user = 0.0
         if exclude_miss_positive == "both":
             mask_rec = 0.0
