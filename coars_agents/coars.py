@@ -110,6 +110,9 @@ class CoARSConfig:
     there share the user's genre, which hides the text signal), SASRec elsewhere."""
     sasrec_hint: bool = False
     """Show SASRec's top-1 candidate to the recommender as a hint (as AFL does)."""
+    candidate_numbers: Literal["first", "last"] = "first"
+    """Where each candidate's number goes in the recommender's prompt (``EnvConfig``'s
+    field): ``first`` (``3. Title ...``) or ``last`` (``- Title ... = candidate 3``)."""
     temperature: float = 1.0
     """Sampling temperature of both agents during training rollouts."""
     user_temperature: float | None = None
@@ -394,6 +397,7 @@ class CoARSTrainer:
             max_history_items=config.history_items,
             max_summary_chars=160 if config.item_summaries else 0,
             sasrec_hint=config.sasrec_hint,
+            candidate_numbers=config.candidate_numbers,
             render_prompts=False,
         )
         n_envs = config.sessions_per_step * config.rollouts_per_session

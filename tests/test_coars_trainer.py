@@ -280,6 +280,19 @@ def test_bad_configs_are_rejected():
         CoARSConfig(num_candidates=1)
 
 
+def test_candidate_numbers_reaches_the_training_and_evaluation_prompts(tmp_path):
+    trainer = make_trainer(tmp_path, candidate_numbers="last")
+    assert trainer.env_kwargs["candidate_numbers"] == "last"
+    from coars_env.dialog.env import RecDialogEnv
+
+    # Training rolls out in train_env; evaluation builds its envs from env_kwargs.
+    eval_env = RecDialogEnv(trainer.eval_data, **trainer.env_kwargs)
+    for env in (trainer.train_env.envs[0], eval_env):
+        env.reset(seed=0, options={"session_id": 0})
+        prompt = env.messages(RECOMMENDER)[1]["content"]
+        assert prompt.count(" = candidate ") == len(env.session.candidates)
+
+
 def test_num_candidates_sets_the_run_data_candidate_lists():
     from evaltools import SYNTHETIC_DATA
 

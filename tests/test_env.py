@@ -403,6 +403,27 @@ def test_prompts_content(data):
     assert "similar users" not in env.messages(USER)[0]["content"]
 
 
+def test_candidate_numbers_last_puts_each_number_after_its_item(data):
+    first = RecDialogEnv(data).reset(options={"session_id": 0})[0][RECOMMENDER]["messages"]
+    env = RecDialogEnv(data, candidate_numbers="last")
+    last = env.reset(options={"session_id": 0})[0][RECOMMENDER]["messages"]
+    assert last[0] == first[0]  # same system message and answer format
+    lines = last[1]["content"].split("\n")
+    start = lines.index("Candidates:") + 1
+    assert lines[start] == "- Heat (1995) [Action, Crime, Thriller] = candidate 1"
+    assert lines[start + 5].startswith("- 東京物語 (Tokyo Story) (1953)")
+    assert lines[start + 5].endswith(" = candidate 6")
+    # Only the candidate lines differ from the default prompt.
+    old = first[1]["content"].split("\n")
+    changed = [i for i, (a, b) in enumerate(zip(old, lines)) if a != b]
+    assert len(old) == len(lines) and changed == list(range(start, start + 6))
+    # The answer still names the number: candidate 5 is the same item either way.
+    obs, *_ = env.step({RECOMMENDER: "Item: 5\nReason: fits"})
+    assert obs[USER]["recommended"][0] == 4
+    with pytest.raises(ValueError, match="candidate_numbers must be 'first' or 'last'"):
+        RecDialogEnv(data, candidate_numbers="middle")
+
+
 def test_prompt_shortening_rule(data):
     env = RecDialogEnv(data, max_turns=5, max_prompt_chars=1400)
     obs, _ = env.reset(options={"session_id": 1})  # history of 4 items

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 ExcludeMissPositive = Literal["user", "both", "none"]
+CandidateNumbers = Literal["first", "last"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,13 @@ class EnvConfig:
     """Extra instruction for the user agent's system message (as ``rec_instruction``), e.g.
     the AFL baseline's "judge with a rationale" step. "" (default) leaves it unchanged."""
 
+    candidate_numbers: CandidateNumbers = "first"
+    """Where each candidate's number goes in the recommender's prompt: ``"first"``
+    (``3. Title (year) [genres]``, the numbered list of the paper's prompts) or ``"last"``
+    (``- Title (year) [genres] = candidate 3``, ours): read left to right, the number then
+    follows the item it names, so choosing by content needs one lookup instead of two, which
+    may matter to small models (docs/results/synthetic_cpu_supervised_turn1.md)."""
+
     # --- prompt length limits (the shortening rule lives in prompts.py) -------------------
     max_history_items: int = 20
     """At most this many history items (the most recent) are shown in a prompt."""
@@ -114,6 +122,10 @@ class EnvConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.candidate_numbers not in ("first", "last"):
+            raise ValueError(
+                f"candidate_numbers must be 'first' or 'last', got {self.candidate_numbers!r}"
+            )
         if self.max_prompt_chars < 200:
             raise ValueError(f"max_prompt_chars must be >= 200, got {self.max_prompt_chars}")
         if self.max_action_chars < 1:

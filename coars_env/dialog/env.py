@@ -432,6 +432,7 @@ class RecDialogEnv(ParallelEnv):
                 max_turns=self.max_turns,
                 hint_position=hint,
                 instruction=cfg.rec_instruction,
+                candidate_numbers=cfg.candidate_numbers,
                 **limits,
             )
         position, item, _, reason, _, _, _, liked, disliked = self._rec

@@ -75,6 +75,8 @@ ANSWER_HEADER = "Answer in exactly this format:"  # opens the last part of both 
 REC_HISTORY_HEADER = "The user's history ({nouns}, oldest first{omitted}):"
 USER_HISTORY_HEADER = "Your history ({nouns}, oldest first{omitted}):"
 CANDIDATES_HEADER = "Candidates:"
+CANDIDATE_LINE = {"first": "{number}. {item}", "last": "- {item} = candidate {number}"}
+"""A candidate's line, by where its number goes (``EnvConfig.candidate_numbers``)."""
 HINT_LINE = "A conventional recommender ranks candidate {number} first."
 MEMORY_HEADER = "Conversation so far{omitted}:"
 NO_MEMORY = "Conversation so far: none."
@@ -263,15 +265,20 @@ def recommender_messages(
     max_reason_chars: int = 300,
     charset: frozenset[str] | None = None,
     instruction: str = "",
+    candidate_numbers: str = "first",
 ) -> Messages:
     """The recommender's chat prompt for ``turn`` (history, numbered candidates, memory).
 
     ``instruction``: extra text for the system message (``with_instruction``).
+    ``candidate_numbers``: a key of ``CANDIDATE_LINE``, where each candidate's number goes.
     """
     system = recommender_system(len(candidates), max_turns, item_noun, instruction)
     history_lines = [f"- {catalog.line(i)}" for i in history]
     candidate_lines = [CANDIDATES_HEADER]
-    candidate_lines += [f"{n}. {catalog.line(i)}" for n, i in enumerate(candidates, start=1)]
+    line = CANDIDATE_LINE[candidate_numbers]
+    candidate_lines += [
+        line.format(number=n, item=catalog.line(i)) for n, i in enumerate(candidates, start=1)
+    ]
     if hint_position is not None:
         candidate_lines.append(HINT_LINE.format(number=hint_position + 1))
     memory_lines = [_memory_line(m, catalog, True, max_reason_chars, charset) for m in memory]
