@@ -1,4 +1,4 @@
-"""A supervised upper bound for turn-1 learning: fine-tune the recommender on the target.
+"""A supervised upper bound for turn-1 learning: fine-tune one agent on the right answer.
 
 RL and the self-distilled credit learn the first choice from sampled answers. This example
 asks how fast the same recommender adapter learns it from the answer itself: each step
@@ -10,11 +10,19 @@ optimizer, learning rate and sessions per step as ``examples/train_coevolve.py``
 learning curve is the trainer's exact turn-1 ranking on held-out sessions
 (``eval/turn1_target_prob`` every ``--rank-every`` steps).
 
-If even this does not raise the held-out P(target) within N steps, a reward or credit design,
-with a weaker signal per session, is unlikely to: the data or the model limit it first. Training
-only: it reads the targets of training sessions (not a recommender for evaluation).
+With ``--agent user`` it asks the same of the user agent's first judgement: each session
+gives two prompts, the user's turn-1 prompt after the recommender names the target (label
+``click``) and after it names a non-target candidate drawn per step and session (label
+``skip``); the loss is on the action's tokens. Its curve is the user's exact P(accept) after a
+hit and after a miss on held-out sessions (:func:`coars_agents.evaluate.turn1_user_judgements`,
+``eval/user_accept_gap``: 0 for a user who cannot tell them apart).
+
+If even this does not move the held-out curve within N steps, a reward or credit design, with
+a weaker signal per session, is unlikely to: the data or the model limit it first. Training
+only: it reads the targets of training sessions (not an agent for evaluation).
 
     python examples/supervised_turn1.py                  # SmolLM2, 12 steps, CPU: ~15 min
+    python examples/supervised_turn1.py --agent user     # the user agent's judgement
     python examples/supervised_turn1.py --steps 200 --mixed-precision bf16   # a GPU
 """
 
@@ -24,16 +32,27 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal as OneOf
 
+import numpy as np
 import torch
 import tyro
 
 from coars_agents.coars import CoARSConfig, CoARSTrainer
 from coars_agents.constrained import Choice, Literal, compile_template
+from coars_agents.evaluate import (
+    select_sessions,
+    turn1_user_judgements,
+    user_judgement_metrics,
+    user_turn1_prompts,
+)
 from coars_agents.rollout import LLMAgent, fit_prompt
 from coars_env.dialog.config import EnvConfig
-from coars_env.dialog.env import RECOMMENDER
+from coars_env.dialog.env import RECOMMENDER, USER
 from coars_env.vector import VectorRecDialogEnv
+
+USER_LABELS = {"hit": "click", "miss": "skip"}
+"""The user agent's supervised action after the recommender names the target / a non-target."""
 
 
 @dataclass
@@ -42,6 +61,9 @@ class Args:
 
     steps: int = 12
     """Optimizer steps (each on ``train.sessions_per_step`` sessions' turn-1 targets)."""
+    agent: OneOf["recommender", "user"] = "recommender"
+    """Which agent's adapter learns: the recommender names the target, or the user judges a
+    hit (``click``) and a miss (``skip``) of each session."""
     train: CoARSConfig = field(
         default_factory=lambda: CoARSConfig(
             sessions_per_step=16,
@@ -60,34 +82,100 @@ class Args:
     sessions per step; micro-batches of 4 prompts keep a CPU under 12 GB."""
 
 
-def answer_ids(agent: LLMAgent, n_candidates: int, number: int) -> tuple[list[int], int]:
-    """The recommender's answer naming candidate ``number`` up to the rationale, as token ids
-    that constrained decoding produces, and how many leading ids were forced (no choice)."""
+def answer_ids(agent: LLMAgent, n_candidates: int, option: int | str) -> tuple[list[int], int]:
+    """The agent's answer up to its first choice, ``option`` (the recommender's candidate
+    number, the user's action), and the literal after it, as token ids that constrained
+    decoding produces; and how many leading ids were forced (no choice)."""
     vocab = agent.policy.vocab
     steps = compile_template(agent.template(n_candidates), vocab)
     forced: list[int] = []
     for i, step in enumerate(steps):
         if isinstance(step.seg, Choice):
-            option = vocab.encode(step.prefix + str(number))
+            chosen = vocab.encode(step.prefix + str(option))
             # The next literal's tokens: its first one ends a number that a longer one extends
             # ("1" vs "12"), a decision the loss must see.
             after = steps[i + 1].tokens if isinstance(steps[i + 1].seg, Literal) else ()
-            return forced + list(option) + list(after), len(forced)
+            return forced + list(chosen) + list(after), len(forced)
         forced += list(step.tokens)
-    raise ValueError("the recommender template has no choice")
+    raise ValueError(f"the {agent.role} template has no choice")
 
 
-def train_supervised(trainer: CoARSTrainer, steps: int) -> list[dict[str, float]]:
-    """``steps`` supervised steps of the trainer's recommender adapter (one process), the
-    turn-1 ranking from step 0 on, logged to ``metrics.jsonl`` in its ``output_dir``."""
+def recommender_batch(
+    trainer: CoARSTrainer, venv: VectorRecDialogEnv, sessions: list[int], step: int
+) -> tuple[list[list[int]], list[list[int]], int]:
+    """Turn-1 prompts of ``sessions`` (rendered as a rollout would) and their targets'
+    answers, with the answers' forced-prefix length."""
+    agent, data = trainer.agents(greedy=False)[RECOMMENDER], trainer.train_data
+    venv.reset(seed=trainer.config.seed + step, options=[{"session_id": s} for s in sessions])
+    prompts, answers, n_forced = [], [], 0
+    for env, session_id in zip(venv.envs, sessions):
+        session = data.sessions[session_id]
+        prompts.append(
+            agent.policy.render(fit_prompt(env, agent.policy, agent.sampling.max_new_tokens))
+        )
+        ids, n_forced = answer_ids(
+            agent, len(session.candidates), session.candidates.index(session.target) + 1
+        )
+        answers.append(ids)
+    return prompts, answers, n_forced
+
+
+def user_batch(
+    trainer: CoARSTrainer, env_config: EnvConfig, sessions: list[int], step: int
+) -> tuple[list[list[int]], list[list[int]], int]:
+    """The user's turn-1 prompts after a hit and after a miss (a non-target drawn from
+    ``(seed, step, session)``) of each session, and the labelled answers."""
+    cfg, agent, data = trainer.config, trainer.agents(greedy=False)[USER], trainer.train_data
+    pairs, labels = [], []
+    for session_id in sessions:
+        session = data.sessions[session_id]
+        target = session.candidates.index(session.target)
+        others = [k for k in range(len(session.candidates)) if k != target]
+        rng = np.random.default_rng((cfg.seed, step, session_id))
+        pairs += [(session_id, target), (session_id, others[int(rng.integers(len(others)))])]
+        labels += [USER_LABELS["hit"], USER_LABELS["miss"]]
+    prompts, _ = user_turn1_prompts(agent, data, env_config, pairs, cfg.eval_batch_size)
+    answers = [answer_ids(agent, 0, label) for label in labels]
+    return prompts, [ids for ids, _ in answers], answers[0][1]
+
+
+def rank(trainer: CoARSTrainer, agent: str) -> dict[str, float]:
+    """The held-out curve of ``agent``: the recommender's turn-1 ranking, or the user's
+    P(accept) after a hit and after a miss (``eval/user_accept_*``) on the same sessions."""
+    if agent == RECOMMENDER:
+        return trainer.rank_turn1()
+    cfg, data = trainer.config, trainer.eval_data
+    sessions = select_sessions(
+        len(data.sessions), min(cfg.eval_sessions, len(data.sessions)), cfg.seed
+    )
+    env_config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    judged = turn1_user_judgements(
+        trainer.agents(greedy=True)[USER],
+        data,
+        env_config,
+        sessions,
+        cfg.eval_batch_size,
+        seed=cfg.seed,
+    )
+    return {f"eval/{k}": v for k, v in user_judgement_metrics(judged).items()}
+
+
+def train_supervised(
+    trainer: CoARSTrainer, steps: int, agent: str = RECOMMENDER
+) -> list[dict[str, float]]:
+    """``steps`` supervised steps of ``agent``'s adapter (one process), its held-out curve
+    (:func:`rank`) from step 0 on, logged to ``metrics.jsonl`` in the ``output_dir``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if agent not in trainer.optimizers:
+        raise ValueError(
+            f"{agent!r} has no optimizer: the trainer trains {trainer.config.trained_agents}"
+        )
     cfg = trainer.config
-    policy, optimizer = trainer.policy, trainer.optimizers[RECOMMENDER]
-    agent = trainer.agents(greedy=False)[RECOMMENDER]
+    policy, optimizer = trainer.policy, trainer.optimizers[agent]
     data = trainer.train_data
     env_config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
-    params = policy.trainable_parameters(RECOMMENDER)
+    params = policy.trainable_parameters(agent)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
@@ -100,23 +188,19 @@ def train_supervised(trainer: CoARSTrainer, steps: int) -> list[dict[str, float]
             f.write(json.dumps(row) + "\n")
         print({k: round(v, 4) for k, v in row.items()}, flush=True)
 
-    log({"step": 0.0, **trainer.rank_turn1()})
+    log({"step": 0.0, **rank(trainer, agent)})
     venvs: dict[int, VectorRecDialogEnv] = {}
     for step in range(1, steps + 1):
         start = time.perf_counter()
         sessions = trainer.sample_sessions(step)
-        if len(sessions) not in venvs:  # one env per batch size, built once
-            venvs[len(sessions)] = VectorRecDialogEnv(data, env_config, len(sessions))
-        venv = venvs[len(sessions)]
-        venv.reset(seed=cfg.seed + step, options=[{"session_id": s} for s in sessions])
-        prompts, answers, n_forced = [], [], 0
-        for env, session_id in zip(venv.envs, sessions):
-            session = data.sessions[session_id]
-            prompts.append(policy.render(fit_prompt(env, policy, agent.sampling.max_new_tokens)))
-            ids, n_forced = answer_ids(
-                agent, len(session.candidates), session.candidates.index(session.target) + 1
+        if agent == USER:
+            prompts, answers, n_forced = user_batch(trainer, env_config, sessions, step)
+        else:
+            if len(sessions) not in venvs:  # one env per batch size, built once
+                venvs[len(sessions)] = VectorRecDialogEnv(data, env_config, len(sessions))
+            prompts, answers, n_forced = recommender_batch(
+                trainer, venvs[len(sessions)], sessions, step
             )
-            answers.append(ids)
         optimizer.zero_grad()
         total = 0.0
         for i in range(0, len(prompts), cfg.micro_batch_size):
@@ -124,10 +208,10 @@ def train_supervised(trainer: CoARSTrainer, steps: int) -> list[dict[str, float]
                 logprobs = policy.score(
                     prompts[i : i + cfg.micro_batch_size],
                     answers[i : i + cfg.micro_batch_size],
-                    adapter=RECOMMENDER,
+                    adapter=agent,
                     requires_grad=True,
                 )
-                # Mean NLL over each answer's chosen part, averaged over the step's sessions.
+                # Mean NLL over each answer's chosen part, averaged over the step's prompts.
                 nll = -torch.stack([lp[n_forced:].mean() for lp in logprobs]).sum() / len(prompts)
             trainer.accelerator.backward(nll)
             total += float(nll.detach())
@@ -136,21 +220,29 @@ def train_supervised(trainer: CoARSTrainer, steps: int) -> list[dict[str, float]
         optimizer.step()
         row = {"step": float(step), "loss": total, "seconds": time.perf_counter() - start}
         if cfg.rank_every and (step % cfg.rank_every == 0 or step == steps):
-            row.update(trainer.rank_turn1())
+            row.update(rank(trainer, agent))
         log(row)
     return history
 
 
 def main(args: Args) -> list[dict[str, float]]:
     trainer = CoARSTrainer(args.train)
-    history = train_supervised(trainer, args.steps)
+    history = train_supervised(trainer, args.steps, args.agent)
     first, last = history[0], history[-1]
+    log = Path(args.train.output_dir) / "metrics.jsonl"
+    if "eval/user_accept_gap" in last:
+        print(
+            "held-out user P(accept | hit) - P(accept | miss): "
+            f"{first['eval/user_accept_gap']:.3f} -> {last['eval/user_accept_gap']:.3f} "
+            f"(SE {last['eval/user_accept_gap_se']:.3f}) after {args.steps} supervised steps "
+            f"(0: no discrimination); log: {log}"
+        )
     if "eval/turn1_target_prob" in last:
         chance = 1 / len(trainer.eval_data.sessions[0].candidates)
         print(
             f"held-out turn-1 P(target): {first['eval/turn1_target_prob']:.3f} -> "
             f"{last['eval/turn1_target_prob']:.3f} after {args.steps} supervised steps "
-            f"(chance {chance:.3f}); log: {Path(args.train.output_dir) / 'metrics.jsonl'}"
+            f"(chance {chance:.3f}); log: {log}"
         )
     return history
 

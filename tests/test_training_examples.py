@@ -292,6 +292,15 @@ def test_supervised_answer_ids_are_the_tokens_constrained_decoding_produces(tmp_
             state.advance(token)
         assert state.fields["item"] == str(number)
         assert agent.policy.tokenizer.decode(ids).startswith(f"Item: {number}\n")
+    user = trainer.agents(greedy=False)[USER]
+    for action in ("click", "skip"):
+        ids, n_forced = example.answer_ids(user, 0, action)
+        state = TemplateState(user.template(0), user.policy.vocab)
+        for token in ids:
+            assert state.allowed()[token]
+            state.advance(token)
+        assert state.fields["action"] == action
+        assert user.policy.tokenizer.decode(ids).startswith(f"Action: {action}\nScore:")
 
 
 def test_supervised_turn1_fits_the_targets_of_its_training_sessions(tmp_path, tiny_train):
@@ -336,6 +345,58 @@ def test_supervised_turn1_fits_the_targets_of_its_training_sessions(tmp_path, ti
     assert gained > len(trained) / 2
     with pytest.raises(ValueError, match="steps must be >= 1"):
         example.train_supervised(trainer, 0)
+
+
+def test_supervised_user_learns_its_labels_and_logs_the_judgement_curve(tmp_path, tiny_train):
+    from coars_agents.coars import CoARSTrainer
+    from coars_env.dialog.config import EnvConfig
+
+    example = load_example("supervised_turn1")
+    settings = {**tiny_train, "sessions_per_step": 3, "micro_batch_size": 4, "rank_every": 2}
+    config = CoARSConfig(output_dir=str(tmp_path / "user"), learning_rate=1e-2, **settings)
+    trainer = CoARSTrainer(config)
+    env_config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    # The pairs of step 1: each session's hit, then a seeded miss, labelled click / skip.
+    sessions = trainer.sample_sessions(1)
+    prompts, answers, n_forced = example.user_batch(trainer, env_config, sessions, 1)
+    assert len(prompts) == len(answers) == 2 * len(sessions)
+    user = trainer.agents(greedy=True)[USER]
+    labels = [user.policy.tokenizer.decode(ids[n_forced:]) for ids in answers]
+    assert all(
+        a.startswith(" click") and b.startswith(" skip") for a, b in zip(*[iter(labels)] * 2)
+    )
+    again, _, _ = example.user_batch(trainer, env_config, sessions, 1)
+    assert again == prompts  # the misses are seeded
+    assert len({tuple(p) for p in prompts}) == len(prompts)  # a miss is never the hit
+
+    def label_logprob() -> float:
+        scored = trainer.policy.score(prompts, answers, adapter=USER)
+        return float(sum(lp[n_forced:].sum() for lp in scored))
+
+    before = label_logprob()
+    params = {
+        a: [p.detach().clone() for p in trainer.policy.trainable_parameters(a)]
+        for a in (RECOMMENDER, USER)
+    }
+    history = example.train_supervised(trainer, 4, USER)
+    assert [row["step"] for row in history] == [0, 1, 2, 3, 4]
+    ranked = [row["step"] for row in history if "eval/user_accept_gap" in row]
+    assert ranked == [0, 2, 4]
+    assert not any("eval/turn1_target_prob" in row for row in history)
+    changed = {
+        a: any(not torch.equal(p0, p) for p0, p in zip(ps, trainer.policy.trainable_parameters(a)))
+        for a, ps in params.items()
+    }
+    assert changed == {RECOMMENDER: False, USER: True}
+    # Step 1's labels (trained once, then other sessions' labels for 3 steps) got likelier.
+    assert label_logprob() > before
+    row = history[-1]
+    assert row["eval/user_accept_gap"] == pytest.approx(
+        row["eval/user_accept_hit"] - row["eval/user_accept_miss"]
+    )
+    rec_only = CoARSTrainer(dataclasses.replace(config, train_agents="recommender"))
+    with pytest.raises(ValueError, match="'user' has no optimizer"):
+        example.train_supervised(rec_only, 1, USER)
 
 
 # ------------------------------------------------------------------------------ user reward push
