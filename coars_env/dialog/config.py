@@ -72,8 +72,9 @@ class EnvConfig:
     """Where each candidate's number goes in the recommender's prompt: ``"first"``
     (``3. Title (year) [genres]``, the numbered list of the paper's prompts) or ``"last"``
     (``- Title (year) [genres] = candidate 3``, ours): read left to right, the number then
-    follows the item it names, so choosing by content needs one lookup instead of two, which
-    may matter to small models (docs/results/synthetic_cpu_supervised_turn1.md)."""
+    follows the item it names, so choosing by content needs one lookup instead of two. For
+    comparisons of prompt formats; with SmolLM2 it made no difference in 480 supervised
+    sessions (docs/results/synthetic_cpu_supervised_turn1.md, runs D and E)."""
 
     # --- prompt length limits (the shortening rule lives in prompts.py) -------------------
     max_history_items: int = 20
