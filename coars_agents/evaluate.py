@@ -119,6 +119,7 @@ __all__ = [
     "read_training_logs",
     "resolve_adapter_dir",
     "run",
+    "hit_miss_pairs",
     "turn1_choice_ranking",
     "turn1_ranking_metrics",
     "turn1_user_judgements",
@@ -457,6 +458,21 @@ def user_turn1_prompts(
     return prompts, peer_scores
 
 
+def hit_miss_pairs(
+    data: DialogData, session_ids: Sequence[int], *seed: int
+) -> list[tuple[int, int]]:
+    """``(session_id, position)`` of each session's target, then of one non-target candidate
+    drawn uniformly from ``(*seed, session_id)`` (0-based positions; the order of KINDS)."""
+    judged = []
+    for session_id in session_ids:
+        session = data.sessions[session_id]
+        target = session.candidates.index(session.target)
+        others = [k for k in range(len(session.candidates)) if k != target]
+        miss = others[int(np.random.default_rng((*seed, session_id)).integers(len(others)))]
+        judged += [(session_id, target), (session_id, miss)]
+    return judged
+
+
 def turn1_user_judgements(
     agent: LLMAgent,
     data: DialogData,
@@ -484,13 +500,7 @@ def turn1_user_judgements(
     """
     if not agent.constrained:
         raise ValueError("judgement probabilities need a constrained LLM user agent")
-    judged = []
-    for session_id in session_ids:
-        session = data.sessions[session_id]
-        target = session.candidates.index(session.target)
-        others = [k for k in range(len(session.candidates)) if k != target]
-        miss = others[int(np.random.default_rng((seed, session_id)).integers(len(others)))]
-        judged += [(session_id, target), (session_id, miss)]  # the order of KINDS
+    judged = hit_miss_pairs(data, session_ids, seed)
     prompts, peer_scores = user_turn1_prompts(
         agent, data, config, judged, batch_size, rationale=rationale
     )

@@ -34,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal as OneOf
 
-import numpy as np
 import torch
 import tyro
 
 from coars_agents.coars import CoARSConfig, CoARSTrainer
 from coars_agents.constrained import Choice, Literal, compile_template
 from coars_agents.evaluate import (
+    hit_miss_pairs,
     select_sessions,
     turn1_user_judgements,
     user_judgement_metrics,
@@ -126,17 +126,10 @@ def user_batch(
     """The user's turn-1 prompts after a hit and after a miss (a non-target drawn from
     ``(seed, step, session)``) of each session, and the labelled answers."""
     cfg, agent, data = trainer.config, trainer.agents(greedy=False)[USER], trainer.train_data
-    pairs, labels = [], []
-    for session_id in sessions:
-        session = data.sessions[session_id]
-        target = session.candidates.index(session.target)
-        others = [k for k in range(len(session.candidates)) if k != target]
-        rng = np.random.default_rng((cfg.seed, step, session_id))
-        pairs += [(session_id, target), (session_id, others[int(rng.integers(len(others)))])]
-        labels += [USER_LABELS["hit"], USER_LABELS["miss"]]
+    pairs = hit_miss_pairs(data, sessions, cfg.seed, step)
     prompts, _ = user_turn1_prompts(agent, data, env_config, pairs, cfg.eval_batch_size)
-    answers = [answer_ids(agent, 0, label) for label in labels]
-    return prompts, [ids for ids, _ in answers], answers[0][1]
+    (hit, n_forced), (miss, _) = (answer_ids(agent, 0, USER_LABELS[k]) for k in ("hit", "miss"))
+    return prompts, [hit, miss] * len(sessions), n_forced
 
 
 def rank(trainer: CoARSTrainer, agent: str) -> dict[str, float]:

@@ -7,7 +7,7 @@ are configurable here. ``coars_env.make(env_id, **overrides)`` accepts any field
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 ExcludeMissPositive = Literal["user", "both", "none"]
 CandidateNumbers = Literal["first", "last"]
@@ -110,7 +110,7 @@ class EnvConfig:
             raise ValueError(
                 f"format_penalty is added to the reward and must be <= 0, got {self.format_penalty}"
             )
-        if self.exclude_miss_positive not in ("user", "both", "none"):
+        if self.exclude_miss_positive not in get_args(ExcludeMissPositive):
             raise ValueError(
                 "exclude_miss_positive must be 'user', 'both' or 'none', got "
                 f"{self.exclude_miss_positive!r}"
@@ -123,7 +123,7 @@ class EnvConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.candidate_numbers not in ("first", "last"):
+        if self.candidate_numbers not in get_args(CandidateNumbers):
             raise ValueError(
                 f"candidate_numbers must be 'first' or 'last', got {self.candidate_numbers!r}"
             )
