@@ -60,8 +60,7 @@ class Args:
         )
     )
     """Model, data, reward (alpha, exclude_miss_positive) and user settings (the trainer's
-    fields; nothing is
-    trained). ``resume`` loads the user adapter of the latest checkpoint in ``output_dir``,
+    fields; nothing is trained). ``resume`` loads the user adapter of the latest checkpoint in ``output_dir``,
     to analyse a trained user."""
 
 
