@@ -36,12 +36,14 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -235,9 +237,10 @@ class CoARSConfig:
     rank_every: int = 0
     """Every N steps (and before the first), log the recommender's exact turn-1 choice
     distribution on the ``eval_sessions`` held-out sessions (:meth:`CoARSTrainer.rank_turn1`:
-    ``eval/turn1_target_prob``, the expected turn-1 Hit@1, and NDCG@5 / Hit@5): one prefill
-    per session and no dialogue, so a cheap, low-noise learning curve of the first choice
-    (0: only with the full evaluations)."""
+    ``eval/turn1_target_prob``, the expected turn-1 Hit@1, its paired gain over the untrained
+    model ``eval/turn1_target_prob_gain`` with a standard error, and NDCG@5 / Hit@5): one
+    prefill per session and no dialogue, so a cheap, low-noise learning curve of the first
+    choice (0: only with the full evaluations)."""
     rank_teacher: bool = False
     """With each turn-1 ranking, also rank under the hindsight teacher's context (the prompt
     plus d: the target's number and title), logged as ``eval/teacher_turn1_target_prob`` and
@@ -407,6 +410,7 @@ class CoARSTrainer:
         self.env_kwargs = env_kwargs
         self.step = 0
         self.best_hit = -math.inf
+        self._turn1_untrained: pd.DataFrame | None = None  # see rank_turn1
         # Hindsight memory: the last trajectory's turn records per training session.
         self.memory: dict[int, list[dict]] = {}
         # Trained turns waiting for min_trained_turns, per agent (this process's share).
@@ -795,7 +799,15 @@ class CoARSTrainer:
         play a part. With ``rank_teacher``, also the teacher's ``eval/teacher_turn1_target_prob``
         and ``eval/teacher_turn1_top_prob`` (the same sessions, the hindsight context added);
         with ``rank_user``, the user agent's ``eval/user_accept_hit``, ``eval/user_accept_miss``,
-        ``eval/user_accept_gap`` and ``eval/user_accept_gap_se``."""
+        ``eval/user_accept_gap`` and ``eval/user_accept_gap_se``.
+
+        On the default held-out subset (``eval_data``, ``eval_sessions``, the run's seed) it
+        also logs the paired gain over the untrained model, ``eval/turn1_target_prob_gain``
+        (the mean per-session change of the target's probability) and its standard error
+        ``eval/turn1_target_prob_gain_se``, much tighter than the difference of two unpaired
+        means. The untrained ranking is the first one taken while the recommender's adapter
+        is still the identity (kept for the run); a run that starts from a trained adapter
+        (e.g. a resume) ranks once with the adapter switched off instead."""
         from coars_agents.evaluate import (
             select_sessions,
             turn1_choice_ranking,
@@ -814,15 +826,14 @@ class CoARSTrainer:
         env_config = EnvConfig(**self.env_kwargs).replace(render_prompts=False)
         rank = functools.partial(
             turn1_choice_ranking,
-            agents[RECOMMENDER],
-            data,
-            env_config,
-            sessions,
-            cfg.eval_batch_size,
+            data=data,
+            config=env_config,
+            session_ids=sessions,
+            batch_size=cfg.eval_batch_size,
         )
         with self._decoding_models() if use_adapters else nullcontext():
-            ranking = rank()
-            teacher = rank(hindsight=True) if cfg.rank_teacher else None
+            ranking = rank(agents[RECOMMENDER])
+            teacher = rank(agents[RECOMMENDER], hindsight=True) if cfg.rank_teacher else None
             judgements = None
             if cfg.rank_user:
                 judgements = turn1_user_judgements(
@@ -839,12 +850,35 @@ class CoARSTrainer:
             "eval/target_rank": float(ranking["target_rank"].mean()),
             "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
         }
+        default_n = min(cfg.eval_sessions, len(data.sessions))
+        if data is self.eval_data and n == default_n and subset_seed in (None, cfg.seed):
+            untrained = self._untrained_ranking(
+                ranking,
+                use_adapters,
+                lambda: rank(self.agents(greedy=True, use_adapters=False)[RECOMMENDER]),
+            )
+            change = probs - untrained["target_prob"].to_numpy(dtype=float)
+            out["eval/turn1_target_prob_gain"] = float(change.mean())
+            out["eval/turn1_target_prob_gain_se"] = float(change.std() / math.sqrt(len(change)))
         if teacher is not None:
             out["eval/teacher_turn1_target_prob"] = float(teacher["target_prob"].mean())
             out["eval/teacher_turn1_top_prob"] = float(teacher["top_prob"].mean())
         if judgements is not None:
             out.update({f"eval/{k}": v for k, v in user_judgement_metrics(judgements).items()})
         return out
+
+    def _untrained_ranking(
+        self, ranking: pd.DataFrame, use_adapters: bool, rank_base: Callable[[], pd.DataFrame]
+    ) -> pd.DataFrame:
+        """The untrained recommender's turn-1 ranking of the default subset, computed once:
+        ``ranking`` itself while the adapter is still the identity, else ``rank_base()``, a
+        ranking with the adapter switched off (the same model: LoRA only adds to the base)."""
+        if self._turn1_untrained is None:
+            fresh = not use_adapters or self.policy.adapter_is_identity(RECOMMENDER)
+            self._turn1_untrained = ranking if fresh else rank_base()
+        if list(self._turn1_untrained["session_id"]) != list(ranking["session_id"]):
+            raise RuntimeError("the untrained ranking covers other sessions")  # a bug if so
+        return self._turn1_untrained
 
     def _decoding_models(self) -> AbstractContextManager[None]:
         """Merged per-adapter copies for decoding when ``merged_rollouts`` is set."""

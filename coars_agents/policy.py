@@ -909,6 +909,18 @@ class LLMPolicy:
             raise KeyError(f"no adapter {name!r}; have {self.adapter_names}")
         return self._adapter_parameters(name)
 
+    def adapter_is_identity(self, name: str) -> bool:
+        """Whether adapter ``name`` leaves the base model unchanged: every LoRA ``B`` matrix
+        is zero, as PEFT initialises it (so a fresh adapter's outputs are the base model's)."""
+        if name not in self.adapter_names:
+            raise KeyError(f"no adapter {name!r}; have {self.adapter_names}")
+        pattern = re.compile(r"\.lora_B\." + re.escape(name) + r"(\.|$)")
+        return all(
+            not bool(p.detach().any())
+            for n, p in self.peft_model.named_parameters()
+            if pattern.search(n)
+        )
+
     def save_adapter(self, name: str, path: str | Path) -> None:
         """Write adapter ``name`` to ``path`` in PEFT's format (``adapter_config.json`` +
         ``adapter_model.safetensors``; loadable by ``PeftModel.from_pretrained`` too)."""

@@ -235,7 +235,8 @@ def main(args: Args) -> list[dict[str, float]]:
         print(
             f"held-out turn-1 P(target): {first['eval/turn1_target_prob']:.3f} -> "
             f"{last['eval/turn1_target_prob']:.3f} after {args.steps} supervised steps "
-            f"(chance {chance:.3f}); log: {log}"
+            f"(paired gain {last['eval/turn1_target_prob_gain']:+.3f}, "
+            f"SE {last['eval/turn1_target_prob_gain_se']:.3f}; chance {chance:.3f}); log: {log}"
         )
     return history
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -336,7 +337,61 @@ def test_rank_every_logs_the_turn1_choice_curve_from_step_0(tmp_path):
     )
     assert 0.0 < untrained["eval/turn1_target_prob"] < 1.0
     assert untrained["eval/turn1_target_prob_se"] > 0.0
+    # The paired gain over the untrained model: 0 at step 0, then the mean per-session change.
+    assert untrained["eval/turn1_target_prob_gain"] == 0.0
+    assert untrained["eval/turn1_target_prob_gain_se"] == 0.0
+    base = turn1_choice_ranking(
+        trainer.agents(greedy=True, use_adapters=False)[RECOMMENDER],
+        trainer.eval_data,
+        config,
+        sessions,
+    )
+    change = ranking["target_prob"].to_numpy() - base["target_prob"].to_numpy()
+    assert history[2]["eval/turn1_target_prob_gain"] == pytest.approx(
+        history[2]["eval/turn1_target_prob"] - untrained["eval/turn1_target_prob"]
+    )
+    last = trainer.rank_turn1()
+    assert last["eval/turn1_target_prob_gain"] == pytest.approx(change.mean())
+    assert last["eval/turn1_target_prob_gain_se"] == pytest.approx(change.std() / np.sqrt(3))
+    assert last["eval/turn1_target_prob_gain_se"] > 0.0  # training moved some sessions
     assert not any(k.startswith(("eval/teacher_", "eval/user_")) for m in history for k in m)
+
+
+def test_turn1_gain_of_an_adapter_trained_before_the_first_ranking_is_over_the_base(tmp_path):
+    from coars_agents.evaluate import select_sessions, turn1_choice_ranking
+    from coars_env.dialog.config import EnvConfig
+
+    # As after a resume: the first ranking of the run already sees a trained adapter, so the
+    # untrained reference is ranked once with the adapter switched off.
+    trainer = make_trainer(tmp_path, eval_sessions=4)
+    assert trainer.policy.adapter_is_identity(RECOMMENDER)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in trainer.policy.peft_model.named_parameters():
+            if ".lora_B.recommender." in name:
+                param.normal_(std=0.5)
+    assert not trainer.policy.adapter_is_identity(RECOMMENDER)
+    assert trainer.policy.adapter_is_identity(USER)
+    metrics = trainer.rank_turn1()
+    sessions = select_sessions(len(trainer.eval_data.sessions), 4, trainer.config.seed)
+    config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    probs = {
+        adapters: turn1_choice_ranking(
+            trainer.agents(greedy=True, use_adapters=adapters)[RECOMMENDER],
+            trainer.eval_data,
+            config,
+            sessions,
+        )["target_prob"].to_numpy()
+        for adapters in (True, False)
+    }
+    change = probs[True] - probs[False]
+    assert np.abs(change).max() > 1e-3  # the perturbed adapter ranks differently
+    assert metrics["eval/turn1_target_prob_gain"] == pytest.approx(change.mean())
+    assert metrics["eval/turn1_target_prob_gain_se"] == pytest.approx(change.std() / 2.0)
+    # Another subset or split has no untrained reference: no gain is reported there.
+    other = trainer.rank_turn1(2)
+    assert "eval/turn1_target_prob_gain" not in other
+    assert "eval/turn1_target_prob_gain" not in trainer.rank_turn1(subset_seed=7)
 
 
 def test_rank_teacher_logs_the_hindsight_teachers_turn1_choice(tmp_path):

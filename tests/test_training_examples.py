@@ -329,6 +329,11 @@ def test_supervised_turn1_fits_the_targets_of_its_training_sessions(tmp_path, ti
     assert [row["step"] for row in history] == [0, 1, 2, 3, 4]
     ranked = [row["step"] for row in history if "eval/turn1_target_prob" in row]
     assert ranked == [0, 2, 4]
+    # The held-out curve carries its paired gain over step 0 (a mean of per-session changes).
+    assert history[0]["eval/turn1_target_prob_gain"] == 0.0
+    assert history[4]["eval/turn1_target_prob_gain"] == pytest.approx(
+        history[4]["eval/turn1_target_prob"] - history[0]["eval/turn1_target_prob"]
+    )
     assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in history[1:])
     logged = pd.read_json(tmp_path / "sft" / "metrics.jsonl", lines=True)
     assert list(logged["step"]) == [0, 1, 2, 3, 4]
