@@ -17,6 +17,9 @@ gives two prompts, the user's turn-1 prompt after the recommender names the targ
 hit and after a miss on held-out sessions (:func:`coars_agents.evaluate.turn1_user_judgements`,
 ``eval/user_accept_gap``: 0 for a user who cannot tell them apart).
 
+``--train-pool N`` restricts training to N sessions and ranks the recommender on them too:
+whether it can fit labels it has seen, beside whether it generalises.
+
 If even this does not move the held-out curve within N steps, a reward or credit design, with
 a weaker signal per session, is unlikely to: the data or the model limit it first. Training
 only: it reads the targets of training sessions (not an agent for evaluation).
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal as OneOf
 
+import numpy as np
 import torch
 import tyro
 
@@ -64,6 +68,11 @@ class Args:
     agent: OneOf["recommender", "user"] = "recommender"
     """Which agent's adapter learns: the recommender names the target, or the user judges a
     hit (``click``) and a miss (``skip``) of each session."""
+    train_pool: int = 0
+    """Train on only this many training sessions (a seeded subset; 0: all of them), and with
+    every ranking also log the recommender's fit on them (``fit/turn1_target_prob``): a
+    memorisation check. A model that cannot raise P(target) on a few dozen sessions it sees
+    again and again has an optimization problem, not a data problem."""
     train: CoARSConfig = field(
         default_factory=lambda: CoARSConfig(
             sessions_per_step=16,
@@ -132,11 +141,31 @@ def user_batch(
     return prompts, [hit, miss] * len(sessions), n_forced
 
 
-def rank(trainer: CoARSTrainer, agent: str) -> dict[str, float]:
+def training_pool(trainer: CoARSTrainer, size: int) -> list[int]:
+    """The ``size`` training sessions of ``--train-pool`` (the trainer's seeded subset)."""
+    n = len(trainer.train_data.sessions)
+    if not 0 < size <= n:
+        raise ValueError(f"train_pool must be in 1..{n} (the training sessions), got {size}")
+    return select_sessions(n, size, trainer.config.seed)
+
+
+def pool_sessions(trainer: CoARSTrainer, pool: list[int], step: int) -> list[int]:
+    """A step's sessions drawn from ``pool`` without replacement, a function of (seed, step)."""
+    rng = np.random.default_rng((trainer.config.seed, step))
+    size = min(trainer.config.sessions_per_step, len(pool))
+    return [pool[i] for i in rng.choice(len(pool), size=size, replace=False)]
+
+
+def rank(trainer: CoARSTrainer, agent: str, pool: list[int] | None = None) -> dict[str, float]:
     """The held-out curve of ``agent``: the recommender's turn-1 ranking, or the user's
-    P(accept) after a hit and after a miss (``eval/user_accept_*``) on the same sessions."""
+    P(accept) after a hit and after a miss (``eval/user_accept_*``) on the same sessions.
+    With a training ``pool``, also the recommender's ranking of those sessions (``fit/*``)."""
     if agent == RECOMMENDER:
-        return trainer.rank_turn1()
+        out = trainer.rank_turn1()
+        if pool:  # the same seeded subset as training_pool, so exactly the pool
+            fit = trainer.rank_turn1(len(pool), data=trainer.train_data)
+            out.update({k.replace("eval/", "fit/"): v for k, v in fit.items()})
+        return out
     cfg, data = trainer.config, trainer.eval_data
     sessions = select_sessions(
         len(data.sessions), min(cfg.eval_sessions, len(data.sessions)), cfg.seed
@@ -154,12 +183,14 @@ def rank(trainer: CoARSTrainer, agent: str) -> dict[str, float]:
 
 
 def train_supervised(
-    trainer: CoARSTrainer, steps: int, agent: str = RECOMMENDER
+    trainer: CoARSTrainer, steps: int, agent: str = RECOMMENDER, train_pool: int = 0
 ) -> list[dict[str, float]]:
     """``steps`` supervised steps of ``agent``'s adapter (one process), its held-out curve
-    (:func:`rank`) from step 0 on, logged to ``metrics.jsonl`` in the ``output_dir``."""
+    (:func:`rank`) from step 0 on, logged to ``metrics.jsonl`` in the ``output_dir``; with
+    ``train_pool``, on that many training sessions only (see ``Args.train_pool``)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    pool = training_pool(trainer, train_pool) if train_pool else None
     if agent not in trainer.optimizers:
         raise ValueError(
             f"{agent!r} has no optimizer: the trainer trains {trainer.config.trained_agents}"
@@ -181,11 +212,13 @@ def train_supervised(
             f.write(json.dumps(row) + "\n")
         print({k: round(v, 4) for k, v in row.items()}, flush=True)
 
-    log({"step": 0.0, **rank(trainer, agent)})
+    log({"step": 0.0, **rank(trainer, agent, pool)})
     venvs: dict[int, VectorRecDialogEnv] = {}
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        sessions = trainer.sample_sessions(step)
+        sessions = (
+            trainer.sample_sessions(step) if pool is None else pool_sessions(trainer, pool, step)
+        )
         if agent == USER:
             prompts, answers, n_forced = user_batch(trainer, env_config, sessions, step)
         else:
@@ -213,14 +246,14 @@ def train_supervised(
         optimizer.step()
         row = {"step": float(step), "loss": total, "seconds": time.perf_counter() - start}
         if cfg.rank_every and (step % cfg.rank_every == 0 or step == steps):
-            row.update(rank(trainer, agent))
+            row.update(rank(trainer, agent, pool))
         log(row)
     return history
 
 
 def main(args: Args) -> list[dict[str, float]]:
     trainer = CoARSTrainer(args.train)
-    history = train_supervised(trainer, args.steps, args.agent)
+    history = train_supervised(trainer, args.steps, args.agent, args.train_pool)
     first, last = history[0], history[-1]
     log = Path(args.train.output_dir) / "metrics.jsonl"
     if "eval/user_accept_gap" in last:
@@ -229,6 +262,11 @@ def main(args: Args) -> list[dict[str, float]]:
             f"{first['eval/user_accept_gap']:.3f} -> {last['eval/user_accept_gap']:.3f} "
             f"(SE {last['eval/user_accept_gap_se']:.3f}) after {args.steps} supervised steps "
             f"(0: no discrimination); log: {log}"
+        )
+    if "fit/turn1_target_prob" in last:
+        print(
+            f"turn-1 P(target) on the {args.train_pool} training sessions: "
+            f"{first['fit/turn1_target_prob']:.3f} -> {last['fit/turn1_target_prob']:.3f}"
         )
     if "eval/turn1_target_prob" in last:
         chance = 1 / len(trainer.eval_data.sessions[0].candidates)

@@ -303,6 +303,37 @@ def test_supervised_answer_ids_are_the_tokens_constrained_decoding_produces(tmp_
         assert user.policy.tokenizer.decode(ids).startswith(f"Action: {action}\nScore:")
 
 
+def test_supervised_turn1_train_pool_trains_and_ranks_only_the_pool(tmp_path, tiny_train):
+    from coars_agents.coars import CoARSTrainer
+    from coars_agents.evaluate import select_sessions, turn1_choice_ranking
+    from coars_env.dialog.config import EnvConfig
+
+    example = load_example("supervised_turn1")
+    settings = {**tiny_train, "sessions_per_step": 2, "micro_batch_size": 2, "rank_every": 8}
+    config = CoARSConfig(output_dir=str(tmp_path / "pool"), learning_rate=1e-2, **settings)
+    trainer = CoARSTrainer(config)
+    n_train = len(trainer.train_data.sessions)
+    with pytest.raises(ValueError, match="train_pool must be in"):
+        example.train_supervised(trainer, 1, train_pool=n_train + 1)
+    pool = example.training_pool(trainer, 3)
+    assert pool == select_sessions(n_train, 3, config.seed)
+    drawn = [example.pool_sessions(trainer, pool, step) for step in range(1, 4)]
+    assert all(len(set(s)) == 2 and set(s) <= set(pool) for s in drawn)
+    assert drawn == [example.pool_sessions(trainer, pool, step) for step in range(1, 4)]
+
+    history = example.train_supervised(trainer, 8, train_pool=3)
+    ranked = [row["step"] for row in history if "fit/turn1_target_prob" in row]
+    assert ranked == [0, 8]
+    # The fit is the trained recommender's mean P(target) on exactly the pool's sessions ...
+    agent = trainer.agents(greedy=True)[RECOMMENDER]
+    env_config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    fit = turn1_choice_ranking(agent, trainer.train_data, env_config, pool)
+    assert history[-1]["fit/turn1_target_prob"] == pytest.approx(fit["target_prob"].mean())
+    # ... and it rose: the labels it saw again and again got likelier.
+    assert history[-1]["fit/turn1_target_prob"] > history[0]["fit/turn1_target_prob"]
+    assert "eval/turn1_target_prob" in history[-1]  # the held-out curve goes on beside it
+
+
 def test_supervised_turn1_fits_the_targets_of_its_training_sessions(tmp_path, tiny_train):
     from coars_agents.coars import CoARSTrainer
     from coars_agents.evaluate import turn1_choice_ranking
