@@ -804,8 +804,8 @@ class CoARSTrainer:
         On the default held-out subset (``eval_data``, ``eval_sessions``, the run's seed) it
         also logs the paired gain over the untrained model, ``eval/turn1_target_prob_gain``
         (the mean per-session change of the target's probability) and its standard error
-        ``eval/turn1_target_prob_gain_se``, much tighter than the difference of two unpaired
-        means. The untrained ranking is the first one taken while the recommender's adapter
+        ``eval/turn1_target_prob_gain_se`` (a paired test: it removes the spread between
+        sessions that both rankings share). The untrained ranking is the first one taken while the recommender's adapter
         is still the identity (kept for the run); a run that starts from a trained adapter
         (e.g. a resume) ranks once with the adapter switched off instead."""
         from coars_agents.evaluate import (
