@@ -805,9 +805,10 @@ class CoARSTrainer:
         also logs the paired gain over the untrained model, ``eval/turn1_target_prob_gain``
         (the mean per-session change of the target's probability) and its standard error
         ``eval/turn1_target_prob_gain_se`` (a paired test: it removes the spread between
-        sessions that both rankings share). The untrained ranking is the first one taken while the recommender's adapter
-        is still the identity (kept for the run); a run that starts from a trained adapter
-        (e.g. a resume) ranks once with the adapter switched off instead."""
+        sessions that both rankings share). The untrained ranking is the first one taken
+        while the recommender's adapter is still the identity (kept for the run); a run that
+        starts from a trained adapter (e.g. a resume) ranks once with the adapter switched off
+        instead."""
         from coars_agents.evaluate import (
             select_sessions,
             turn1_choice_ranking,

@@ -897,10 +897,13 @@ class LLMPolicy:
         finally:
             self._merged.clear()
 
-    def _adapter_parameters(self, name: str | None) -> list[torch.nn.Parameter]:
+    def _adapter_parameters(
+        self, name: str | None, matrix: str = r"\w+"
+    ) -> list[torch.nn.Parameter]:
         if self.peft_model is None:
             return []
-        pattern = re.compile(r"\.lora_\w+\." + (re.escape(name) if name else r"[^.]+") + r"(\.|$)")
+        adapter = re.escape(name) if name else r"[^.]+"
+        pattern = re.compile(r"\.lora_" + matrix + r"\." + adapter + r"(\.|$)")
         return [p for n, p in self.peft_model.named_parameters() if pattern.search(n)]
 
     def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
@@ -914,12 +917,7 @@ class LLMPolicy:
         is zero, as PEFT initialises it (so a fresh adapter's outputs are the base model's)."""
         if name not in self.adapter_names:
             raise KeyError(f"no adapter {name!r}; have {self.adapter_names}")
-        pattern = re.compile(r"\.lora_B\." + re.escape(name) + r"(\.|$)")
-        return all(
-            not bool(p.detach().any())
-            for n, p in self.peft_model.named_parameters()
-            if pattern.search(n)
-        )
+        return not any(bool(p.detach().any()) for p in self._adapter_parameters(name, "B"))
 
     def save_adapter(self, name: str, path: str | Path) -> None:
         """Write adapter ``name`` to ``path`` in PEFT's format (``adapter_config.json`` +
