@@ -206,8 +206,9 @@ class LLMPolicy:
         eos_token_ids: ids that end a generation; default: the tokenizer's and the generation
             config's EOS plus the usual chat end tokens present in the vocabulary.
         shortener: default prompt shortener for :meth:`generate`.
-        share_prefixes: prefill identical prompts of one call once and expand the KV cache
-            (same results, less compute; off only to measure or to debug).
+        share_prefixes: prefill identical prompts of one call once and expand the KV cache,
+            in generation and in scoring (same results up to float rounding, less compute;
+            off only to measure or to debug).
         fast_forward_literals: in constrained decoding, feed the template's literal text
             (``"\\nReason:"``, ...) in one forward pass when every row of the batch is inside
             one, instead of one pass per token (same results, fewer decoding steps; off only
@@ -661,7 +662,8 @@ class LLMPolicy:
         before its last token and completions are right-padded to common widths, so every
         completion starts at the same column, only ``max completion length + 1`` positions go
         through ``lm_head``, and no row begins with padding (fully masked rows break the
-        backward pass of fused GPU attention kernels).
+        backward pass of fused GPU attention kernels). Rows of a chunk that share a prompt
+        (a session's rollouts) share one prefill of it and its KV cache.
 
         Args:
             prompt_ids_list: contexts (e.g. the student's ``x`` or the teacher's ``x + d``).
@@ -689,6 +691,9 @@ class LLMPolicy:
     ) -> list[torch.Tensor]:
         if any(not p for p in prompts):
             raise ValueError("prompts must be non-empty")
+        keys = [tuple(p) for p in prompts]
+        if self.share_prefixes and len(set(keys)) < len(keys):
+            return self._score_shared_prompts(prompts, completions, keys)
         n = len(prompts)
         p_width = max(len(p) for p in prompts)
         c_width = max(1, max(len(c) for c in completions))
@@ -706,6 +711,41 @@ class LLMPolicy:
         # cross_entropy = -log_softmax gathered, without materialising a second (n, c, V) tensor
         logprobs = -F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view(n, c_width)
+        return [logprobs[i, : len(c)] for i, c in enumerate(completions)]
+
+    def _score_shared_prompts(
+        self, prompts: list[list[int]], completions: list[list[int]], keys: list[tuple[int, ...]]
+    ) -> list[torch.Tensor]:
+        """:meth:`_score_chunk` for a chunk in which some rows share a prompt (a session's
+        rollouts in a group): each distinct prompt is prefilled once and its KV cache is
+        shared by its completions. Prompts are most of the tokens, so a group of G rollouts
+        costs about 1/G of the forward and backward compute; gradients flow through the
+        shared cache into the single prefill, summed over its completions."""
+        device, n = self.device, len(prompts)
+        distinct = list(dict.fromkeys(keys))
+        row_of = {key: i for i, key in enumerate(distinct)}
+        expand = torch.tensor([row_of[key] for key in keys], device=device)
+        ids, mask = (t.to(device) for t in self._pad_prompts([list(k) for k in distinct]))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        # The last prompt position predicts each completion's first token.
+        first = self._forward(ids, mask, positions, cache, logits_to_keep=1)[expand]
+        c_width = max(1, max(len(c) for c in completions))
+        step_ids = torch.full((n, c_width), self.tokenizer.pad_token_id, dtype=torch.long)
+        step_mask = torch.zeros_like(step_ids)
+        for i, c in enumerate(completions):
+            if c:
+                step_ids[i, : len(c)] = torch.tensor(c)
+                step_mask[i, : len(c)] = 1
+        step_ids, step_mask = step_ids.to(device), step_mask.to(device)
+        cache.batch_select_indices(expand)
+        attention = torch.cat([mask[expand], step_mask], dim=-1)
+        step_positions = positions[expand, -1:] + 1 + torch.arange(c_width, device=device)
+        rest = self._forward(step_ids, attention, step_positions, cache, logits_to_keep=c_width)
+        logits = torch.cat([first, rest[:, :-1]], dim=1)
+        logprobs = -F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), step_ids.reshape(-1), reduction="none"
         ).view(n, c_width)
         return [logprobs[i, : len(c)] for i, c in enumerate(completions)]
 

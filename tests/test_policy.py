@@ -320,6 +320,41 @@ def test_score_handles_padding_and_grad(policy):
     torch.testing.assert_close(out[0], alone, atol=1e-5, rtol=0)
 
 
+def test_rows_sharing_a_prompt_score_and_backpropagate_as_if_scored_alone():
+    """A group's rollouts share their prompt: it is prefilled once (its KV cache shared by
+    the completions), with the same log-probs and adapter gradients as separate rows."""
+    shared = make_policy(1, torch.float64)
+    shared.add_adapter("a", LoraSettings(r=4, alpha=8))
+    perturb(shared, "a", seed=5)  # a non-identity adapter, so its gradients are not trivial
+    p0, p1, p2 = (shared.render(m) for m in PROMPTS)
+    prompts = [p1, p1, p0, p1, p2, p0]  # repeats, in no order, of three prompt lengths
+    completions = [[5, 6, 7], [8], [9, 10], [], [11, 12, 13, 14], [9, 10]]
+
+    def grads_of(rows: list[list[int]], comps: list[list[int]]) -> list[torch.Tensor]:
+        shared.model.zero_grad(set_to_none=True)
+        out = shared.score(rows, comps, adapter="a", requires_grad=True)
+        # distinct weights per row, so that a wrong row-to-prompt mapping shows
+        sum((k + 1) * o.sum() for k, o in enumerate(out)).backward()
+        grads = [p.grad.clone() for p in shared.trainable_parameters("a")]
+        return out, grads
+
+    out, grads = grads_of(prompts, completions)
+    assert [o.shape[0] for o in out] == [3, 1, 2, 0, 4, 2]
+    torch.testing.assert_close(out[2], out[5], atol=0, rtol=0)  # same prompt, same completion
+    reference_grads = [torch.zeros_like(g) for g in grads]
+    for k, (prompt, completion) in enumerate(zip(prompts, completions)):
+        alone, alone_grads = grads_of([prompt], [completion])
+        torch.testing.assert_close(out[k].detach(), alone[0].detach(), atol=1e-10, rtol=0)
+        for total, g in zip(reference_grads, alone_grads):
+            total += (k + 1) * g
+    # Equal up to summation order. The tiny Llama's RMSNorm computes in float32 even in a
+    # float64 model, so the order shows at ~1e-7 of the largest gradient; a row scored
+    # against the wrong prompt, or a padded position that leaked, would show at ~1.
+    for g, ref in zip(grads, reference_grads):
+        torch.testing.assert_close(g, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
 def _attention_nan_on_empty_rows(module, query, key, value, attention_mask, scaling=None, **_):
     """Plain softmax attention that, like fused CUDA kernels, returns NaN (and NaN gradients)
     for a query row that may attend to nothing."""
