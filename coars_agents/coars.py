@@ -794,8 +794,11 @@ class CoARSTrainer:
         :func:`coars_agents.evaluate.turn1_choice_ranking`: ``eval/turn1_target_prob`` (mean
         probability of the target: the expected turn-1 Hit@1 at temperature 1) with its
         standard error, ``eval/hit@5``, ``eval/ndcg@5``, ``eval/target_rank`` (mean 0-based
-        rank) and ``eval/turn1_top_prob`` (mean probability of the likeliest candidate: how
-        peaked the choice is). No dialogue is played, so neither the user agent nor repeats
+        rank), ``eval/turn1_top_prob`` (mean probability of the likeliest candidate: how
+        peaked the choice is) and ``eval/turn1_top_position_share`` (the largest share of
+        sessions whose likeliest candidate has one same number: 1 when the choice has
+        collapsed onto a position; about 1/N plus noise for a content-driven one, as the
+        target's position is uniform). No dialogue is played, so neither the user agent nor repeats
         play a part. With ``rank_teacher``, also the teacher's ``eval/teacher_turn1_target_prob``
         and ``eval/teacher_turn1_top_prob`` (the same sessions, the hindsight context added);
         with ``rank_user``, the user agent's ``eval/user_accept_hit``, ``eval/user_accept_miss``,
@@ -850,6 +853,11 @@ class CoARSTrainer:
             "eval/turn1_target_prob_se": float(probs.std() / math.sqrt(len(probs))),
             "eval/target_rank": float(ranking["target_rank"].mean()),
             "eval/turn1_top_prob": float(ranking["top_prob"].mean()),
+            # A policy that always picks one candidate number whatever the candidates
+            # (collapsed onto a position, as RL at a high learning rate can) scores 1 here.
+            "eval/turn1_top_position_share": float(
+                ranking["top_position"].value_counts(normalize=True).max()
+            ),
         }
         default_n = min(cfg.eval_sessions, len(data.sessions))
         if data is self.eval_data and n == default_n and subset_seed in (None, cfg.seed):

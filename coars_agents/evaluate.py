@@ -363,7 +363,8 @@ def turn1_choice_ranking(
     credit term can pass on to the student (training only: it reads the target).
 
     Returns one row per session: ``session_id``, ``target_rank`` (0-based rank of the target),
-    ``target_prob`` (its probability) and ``top_prob`` (the largest probability).
+    ``target_prob`` (its probability), ``top_prob`` (the largest probability) and
+    ``top_position`` (the 1-based number of the likeliest candidate, as the prompt numbers it).
     """
     if not agent.constrained:
         raise ValueError("ranking by choice probability needs a constrained LLM recommender")
@@ -397,9 +398,11 @@ def turn1_choice_ranking(
                     "target_rank": int(np.flatnonzero(order == position)[0]),
                     "target_prob": float(p[position]),
                     "top_prob": float(p.max()),
+                    "top_position": int(order[0]) + 1,
                 }
             )
-    return pd.DataFrame(rows, columns=["session_id", "target_rank", "target_prob", "top_prob"])
+    columns = ["session_id", "target_rank", "target_prob", "top_prob", "top_position"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _choice_distributions(
@@ -707,6 +710,7 @@ CURVE_METRICS = (
     ("eval/oracle/hit@1", "held-out: Hit@1 vs oracle user"),
     ("eval/turn1_target_prob", "held-out: turn-1 P(target), exact"),
     ("eval/turn1_top_prob", "held-out: turn-1 P(likeliest candidate)"),
+    ("eval/turn1_top_position_share", "held-out: share of the likeliest's commonest number"),
     ("eval/teacher_turn1_target_prob", "held-out: hindsight teacher's turn-1 P(target)"),
     ("eval/user_accept_gap", "held-out: user P(accept | hit) - P(accept | miss)"),
 )

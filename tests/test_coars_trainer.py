@@ -351,6 +351,9 @@ def test_rank_every_logs_the_turn1_choice_curve_from_step_0(tmp_path):
         history[2]["eval/turn1_target_prob"] - untrained["eval/turn1_target_prob"]
     )
     last = trainer.rank_turn1()
+    # The position-collapse diagnostic: the largest share of sessions with one top number.
+    _, counts = np.unique(ranking["top_position"].to_numpy(), return_counts=True)
+    assert last["eval/turn1_top_position_share"] == pytest.approx(counts.max() / 3)
     assert last["eval/turn1_target_prob_gain"] == pytest.approx(change.mean())
     assert last["eval/turn1_target_prob_gain_se"] == pytest.approx(change.std() / np.sqrt(3))
     assert last["eval/turn1_target_prob_gain_se"] > 0.0  # training moved some sessions

@@ -229,6 +229,10 @@ def test_llm_recommender_ranks_candidates_by_its_turn1_choice_probabilities(tiny
     (probs,) = policy.choice_probabilities([prompt], agent.template(20), "item")
     position = tiny.sessions[3].candidates.index(tiny.sessions[3].target)
     assert ranking.loc[3, "target_prob"] == pytest.approx(probs[str(position + 1)])
+    p3 = [probs[str(k + 1)] for k in range(20)]
+    assert ranking.loc[3, "top_position"] == int(np.argmax(p3)) + 1  # first of ties, 1-based
+    assert ranking.loc[3, "top_prob"] == pytest.approx(max(p3))
+    assert ranking["top_position"].between(1, 20).all()
 
     # The teacher's ranking: the same prompt with the first-visit hindsight reference d.
     teacher = turn1_choice_ranking(agent, tiny, config, range(5), batch_size=2, hindsight=True)
