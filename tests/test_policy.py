@@ -381,8 +381,17 @@ def test_no_row_starts_with_padding_in_scoring_or_generation(policy):
     sum(o.sum() for o in out).backward()
     grads = [p.grad for p in strict.trainable_parameters("a") if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    # The same with a repeated prompt, which takes the shared-prefill path.
+    strict.model.zero_grad(set_to_none=True)
+    shared_rows = [prompts[1], prompts[0], prompts[1]]
+    shared_completions = [[5, 6, 7], [8], [9]]
+    shared = strict.score(shared_rows, shared_completions, adapter="a", requires_grad=True)
+    sum(o.sum() for o in shared).backward()
+    grads = [p.grad for p in strict.trainable_parameters("a") if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
     # and the layout changes nothing: same log-probs as the default attention, row by row
-    for o, prompt, completion in zip(out, prompts, completions):
+    rows = zip(out + shared, prompts + shared_rows, completions + shared_completions)
+    for o, prompt, completion in rows:
         alone = policy.score([prompt], [completion])[0]
         torch.testing.assert_close(o.detach(), alone, atol=1e-5, rtol=0)
     # Generation pads its prompts the same way: finite, and as the default attention decodes.
