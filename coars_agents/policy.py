@@ -353,6 +353,30 @@ class LLMPolicy:
         except TypeError:  # older transformers
             return DynamicCache()
 
+    def _prefill(
+        self, prompts: list[list[int]], module: PreTrainedModel | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+        """Prefill ``prompts`` (padded by :meth:`_pad_prompts`): the logits at each prompt's
+        last position, the attention mask, the position ids and the KV cache, one row per
+        prompt. With ``share_prefixes``, each distinct prompt is computed once and its rows
+        (cache included) are expanded from it: a session's rollouts cost one prefill, in
+        generation and in scoring, and gradients flow back through the shared rows."""
+        if self.share_prefixes:
+            unique: dict[tuple[int, ...], int] = {}
+            row_to_unique = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+            distinct = [list(u) for u in unique]
+        else:
+            row_to_unique, distinct = list(range(len(prompts))), prompts
+        ids, mask = (t.to(self.device) for t in self._pad_prompts(distinct))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        last = self._forward(ids, mask, positions, cache, logits_to_keep=1, module=module)[:, -1]
+        if len(distinct) < len(prompts):
+            expand = torch.tensor(row_to_unique, device=self.device)
+            cache.batch_select_indices(expand)
+            last, mask, positions = last[expand], mask[expand], positions[expand]
+        return last, mask, positions, cache
+
     def _chunks(self, n: int) -> Iterator[range]:
         size = self.max_batch_size or max(n, 1)
         for start in range(0, n, size):
@@ -456,30 +480,10 @@ class LLMPolicy:
         device, n = self.device, len(prompts)
         greedy = sampling.greedy or sampling.temperature == 0
 
-        # Shared-prefix reuse: prefill each distinct prompt once, then expand the cache.
-        if self.share_prefixes:
-            unique: dict[tuple[int, ...], int] = {}
-            row_to_unique = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-            distinct = [list(u) for u in unique]
-        else:
-            row_to_unique, distinct = list(range(n)), prompts
-        input_ids, attention_mask = (t.to(device) for t in self._pad_prompts(distinct))
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache()
         module = self._merged.get(self._active) if self._active is not None else None
-        logits = self._forward(
-            input_ids, attention_mask, position_ids, cache, logits_to_keep=1, module=module
-        )
-        logits = logits[:, -1].float()
+        last, attention_mask, position_ids, cache = self._prefill(prompts, module)
+        logits = last.float()
         next_pos = position_ids[:, -1] + 1
-        if len(distinct) < n:
-            expand = torch.tensor(row_to_unique, device=device)
-            cache.batch_select_indices(expand)
-            logits, attention_mask, next_pos = (
-                logits[expand],
-                attention_mask[expand],
-                next_pos[expand],
-            )
 
         states = [TemplateState(t, self.vocab) if t is not None else None for t in templates]
         generators = None
@@ -691,9 +695,8 @@ class LLMPolicy:
     ) -> list[torch.Tensor]:
         if any(not p for p in prompts):
             raise ValueError("prompts must be non-empty")
-        keys = [tuple(p) for p in prompts]
-        if self.share_prefixes and len(set(keys)) < len(keys):
-            return self._score_shared_prompts(prompts, completions, keys)
+        if self.share_prefixes and len({tuple(p) for p in prompts}) < len(prompts):
+            return self._score_shared_prompts(prompts, completions)
         n = len(prompts)
         p_width = max(len(p) for p in prompts)
         c_width = max(1, max(len(c) for c in completions))
@@ -715,22 +718,15 @@ class LLMPolicy:
         return [logprobs[i, : len(c)] for i, c in enumerate(completions)]
 
     def _score_shared_prompts(
-        self, prompts: list[list[int]], completions: list[list[int]], keys: list[tuple[int, ...]]
+        self, prompts: list[list[int]], completions: list[list[int]]
     ) -> list[torch.Tensor]:
         """:meth:`_score_chunk` for a chunk in which some rows share a prompt (a session's
-        rollouts in a group): each distinct prompt is prefilled once and its KV cache is
-        shared by its completions. Prompts are most of the tokens, so a group of G rollouts
-        costs about 1/G of the forward and backward compute; gradients flow through the
-        shared cache into the single prefill, summed over its completions."""
+        rollouts): :meth:`_prefill` computes each distinct prompt once, then the completions
+        run on the expanded cache. Prompts are most of the tokens, so a group of G rollouts
+        costs about 1/G of the forward and backward compute."""
         device, n = self.device, len(prompts)
-        distinct = list(dict.fromkeys(keys))
-        row_of = {key: i for i, key in enumerate(distinct)}
-        expand = torch.tensor([row_of[key] for key in keys], device=device)
-        ids, mask = (t.to(device) for t in self._pad_prompts([list(k) for k in distinct]))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache()
         # The last prompt position predicts each completion's first token.
-        first = self._forward(ids, mask, positions, cache, logits_to_keep=1)[expand]
+        first, mask, positions, cache = self._prefill(prompts)
         c_width = max(1, max(len(c) for c in completions))
         step_ids = torch.full((n, c_width), self.tokenizer.pad_token_id, dtype=torch.long)
         step_mask = torch.zeros_like(step_ids)
@@ -739,11 +735,10 @@ class LLMPolicy:
                 step_ids[i, : len(c)] = torch.tensor(c)
                 step_mask[i, : len(c)] = 1
         step_ids, step_mask = step_ids.to(device), step_mask.to(device)
-        cache.batch_select_indices(expand)
-        attention = torch.cat([mask[expand], step_mask], dim=-1)
-        step_positions = positions[expand, -1:] + 1 + torch.arange(c_width, device=device)
+        attention = torch.cat([mask, step_mask], dim=-1)
+        step_positions = positions[:, -1:] + 1 + torch.arange(c_width, device=device)
         rest = self._forward(step_ids, attention, step_positions, cache, logits_to_keep=c_width)
-        logits = torch.cat([first, rest[:, :-1]], dim=1)
+        logits = torch.cat([first[:, None], rest[:, :-1]], dim=1)
         logprobs = -F.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), step_ids.reshape(-1), reduction="none"
         ).view(n, c_width)
