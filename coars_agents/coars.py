@@ -17,8 +17,10 @@ docstring; :class:`CoARSTrainer` runs the loop of METHOD.md:
 
 The defaults are the paper's plain form (alpha = lambda = 0.1, no ratio, no KL). Options
 (ours): group-normalised rewards, a PPO-style clipped ratio with several epochs, KL to the
-frozen base, a linear lambda schedule, training one agent only, and outcome-only reward
-(the RL baseline: final hit, no credit term).
+frozen base, a linear lambda schedule, a dense credit (``credit_form``: lambda times the KL
+between the teacher's and the student's whole next-token distributions, instead of the
+sampled-token A), training one agent only, and outcome-only reward (the RL baseline: final
+hit, no credit term).
 
 Built on ``accelerate.Accelerator`` (device placement, mixed precision, gradient
 accumulation, gradient all-reduce across data-parallel processes, trackers). Checkpoints
@@ -51,6 +53,8 @@ from tqdm.auto import tqdm
 
 from coars_agents.credit import (
     credit_advantages,
+    distillation_divergence,
+    distillation_loss,
     group_normalise,
     regularised_policy_loss,
     token_weights,
@@ -150,6 +154,15 @@ class CoARSConfig:
     teacher pass, and A is logged as 0)."""
     credit_coef_user: float = 0.1
     """lambda_user: weight of the token credit for the user agent."""
+    credit_form: Literal["sampled", "forward_kl", "reverse_kl"] = "sampled"
+    """How the teacher's knowledge reaches the student. ``sampled`` (METHOD.md): the clipped
+    log-ratio A of each generated token weighs that token's log-prob. ``forward_kl`` /
+    ``reverse_kl`` (ours, an ablation): lambda times the KL between the teacher's and the
+    student's whole next-token distributions at each generated position, which moves the
+    target's probability even in rollouts that did not sample it (on-policy distillation
+    with a privileged teacher). The reward term is unchanged and A is still logged; the
+    per-token KL is logged as ``<agent>/mean_distill_kl``. Costs a vocabulary-sized
+    log-softmax per generated token in scoring."""
     credit_schedule: Literal["constant", "linear_decay"] = "constant"
     """``linear_decay`` anneals lambda to 0 over ``total_steps`` (ours)."""
     reward_mode: Literal["interaction", "outcome"] = "interaction"
@@ -546,6 +559,7 @@ class CoARSTrainer:
             "loss": 0.0,
             "abs_credit": 0.0,
             "pos_credit": 0.0,
+            "distill_kl": 0.0,
             "tokens": 0.0,
             "nonfinite_chunks": 0.0,
             "nonfinite_student_tokens": 0.0,
@@ -559,6 +573,8 @@ class CoARSTrainer:
         # lambda = 0 (outcome-only RL, the no-credit ablation): A is unused, so the teacher
         # pass is skipped and A logged as 0; baselines then cost what they would on their own.
         use_teacher = self.credit_coef(agent) != 0
+        # Dense credit: whole distributions from both passes, the KL term instead of lambda A.
+        dense = use_teacher and cfg.credit_form != "sampled"
         for _ in range(cfg.ppo_epochs):
             for c in range(n_chunks):
                 chunk = samples[c * cfg.micro_batch_size : (c + 1) * cfg.micro_batch_size]
@@ -567,7 +583,10 @@ class CoARSTrainer:
                 teacher = None
                 if use_teacher:
                     teacher = self.policy.score(
-                        [s.teacher_ids for s in chunk], completions, adapter=agent
+                        [s.teacher_ids for s in chunk],
+                        completions,
+                        adapter=agent,
+                        full_distributions=dense,
                     )
                 reference = None
                 if cfg.kl_coef > 0:
@@ -580,18 +599,31 @@ class CoARSTrainer:
                         completions,
                         adapter=agent,
                         requires_grad=True,
+                        full_distributions=dense,
                     )
                 t1 = time.perf_counter()
                 pad = lambda xs: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
                     [x.to(acc.device).float() for x in xs], batch_first=True
                 )
-                student_lp = pad(student)
-                teacher_lp = pad(teacher) if teacher is not None else student_lp.detach()
                 token_mask = pad([s.loss_mask for s in chunk])
-                advantages = credit_advantages(teacher_lp, student_lp, token_mask)
                 rewards = torch.tensor([s.reward for s in chunk], device=acc.device)
                 turn_mask = torch.tensor([s.turn_mask for s in chunk], device=acc.device)
-                weights = token_weights(rewards, advantages, token_mask, self.credit_coef(agent))
+                divergence = None
+                if dense:
+                    student_dist, teacher_dist = pad(student), pad(teacher)
+                    divergence = distillation_divergence(
+                        teacher_dist, student_dist, token_mask, cfg.credit_form
+                    )
+                    tokens = pad([torch.tensor(c, dtype=torch.long) for c in completions]).long()
+                    student_lp = student_dist.gather(-1, tokens[..., None])[..., 0]
+                    teacher_lp = teacher_dist.gather(-1, tokens[..., None])[..., 0]
+                else:
+                    student_lp = pad(student)
+                    teacher_lp = pad(teacher) if teacher is not None else student_lp.detach()
+                advantages = credit_advantages(teacher_lp, student_lp, token_mask)
+                # With the dense credit, A is only logged: the KL term carries lambda.
+                coef = 0.0 if dense else self.credit_coef(agent)
+                weights = token_weights(rewards, advantages, token_mask, coef)
                 loss = regularised_policy_loss(
                     student_lp,
                     weights,
@@ -604,6 +636,10 @@ class CoARSTrainer:
                     ref_logprobs=pad(reference) if reference is not None else None,
                     kl_coef=cfg.kl_coef,
                 )
+                if divergence is not None:
+                    loss = loss + distillation_loss(
+                        divergence, token_mask, turn_mask, self.credit_coef(agent)
+                    )
                 t_score += t1 - t0
                 if not torch.isfinite(loss):
                     # A NaN/inf log-prob (seen rarely with bf16 on GPUs) would poison the
@@ -620,6 +656,8 @@ class CoARSTrainer:
                 stats["loss"] += float(loss.detach()) * len(chunk) / len(samples) / cfg.ppo_epochs
                 stats["abs_credit"] += float(advantages.abs().sum())
                 stats["pos_credit"] += float(((advantages > 0) & (token_mask > 0)).sum())
+                if divergence is not None:
+                    stats["distill_kl"] += float(divergence.detach().sum())
                 stats["tokens"] += n_tokens
             params = self.policy.trainable_parameters(agent)
             self._all_reduce_gradients(params)
@@ -641,6 +679,7 @@ class CoARSTrainer:
             f"{agent}/mean_reward": float(np.mean([s.reward for s in trained])) if trained else 0.0,
             f"{agent}/mean_abs_credit": stats["abs_credit"] / tokens,
             f"{agent}/frac_positive_credit": stats["pos_credit"] / tokens,
+            f"{agent}/mean_distill_kl": stats["distill_kl"] / tokens,
             f"{agent}/trained_turns": float(len(trained)),
             f"{agent}/masked_turns": float(len(samples) - len(trained)),
             f"{agent}/nonfinite_chunks": stats["nonfinite_chunks"],

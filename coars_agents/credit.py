@@ -69,6 +69,46 @@ def coars_policy_loss(
     return -(per_turn * turn_mask).sum() / n_turns + logprobs.sum() * 0.0
 
 
+def distillation_divergence(
+    teacher_logdist: torch.Tensor,
+    student_logdist: torch.Tensor,
+    token_mask: torch.Tensor,
+    kind: str = "forward_kl",
+) -> torch.Tensor:
+    """Per-token divergence between the teacher's and the student's whole next-token
+    distributions (``[turns, tokens, vocabulary]`` log-probs), zero off the mask (ours: the
+    dense alternative to the sampled-token credit A, see ``CoARSConfig.credit_form``).
+
+    ``forward_kl``: KL(pi_T || pi_S), the student covers the teacher's mass (a soft-label
+    cross-entropy up to the teacher's entropy); ``reverse_kl``: KL(pi_S || pi_T),
+    mode-seeking, the full-distribution form of the expected sampled credit. The teacher is
+    detached: it is the target, though it shares the student's adapter.
+    """
+    if teacher_logdist.shape != student_logdist.shape:
+        raise ValueError(
+            f"teacher and student distributions must align: "
+            f"{tuple(teacher_logdist.shape)} vs {tuple(student_logdist.shape)}"
+        )
+    teacher_logdist = teacher_logdist.detach()
+    if kind == "forward_kl":
+        per_token = (teacher_logdist.exp() * (teacher_logdist - student_logdist)).sum(-1)
+    elif kind == "reverse_kl":
+        per_token = (student_logdist.exp() * (student_logdist - teacher_logdist)).sum(-1)
+    else:
+        raise ValueError(f"unknown divergence {kind!r}: use 'forward_kl' or 'reverse_kl'")
+    return per_token * token_mask.to(per_token.dtype)
+
+
+def distillation_loss(
+    divergence: torch.Tensor, token_mask: torch.Tensor, turn_mask: torch.Tensor, coef: float
+) -> torch.Tensor:
+    """``lambda * mean over turns of (1/|y_t|) sum_n D_tn``, masked turns contributing 0: the
+    dense credit's part of the loss, normalised per turn like :func:`coars_policy_loss`."""
+    lengths = token_mask.to(divergence.dtype).sum(dim=1).clamp(min=1.0)
+    per_turn = divergence.sum(dim=1) / lengths * turn_mask.to(divergence.dtype)
+    return coef * per_turn.sum() / max(1, divergence.shape[0])
+
+
 def group_normalise(
     rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6, scale: bool = True
 ) -> torch.Tensor:

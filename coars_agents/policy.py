@@ -659,6 +659,7 @@ class LLMPolicy:
         *,
         adapter: AdapterArg = ACTIVE,
         requires_grad: bool = False,
+        full_distributions: bool = False,
     ) -> list[torch.Tensor]:
         """Per-token log-probs of each completion given its prompt (raw distribution).
 
@@ -674,9 +675,13 @@ class LLMPolicy:
             completion_ids_list: the tokens to score (e.g. ``Generation.completion_ids``).
             adapter: ``ACTIVE`` (default), ``None`` (base model) or an adapter name.
             requires_grad: build the autograd graph (for the loss); otherwise ``no_grad``.
+            full_distributions: return each position's whole next-token log-distribution
+                instead of the completion token's log-prob (for distillation losses that
+                compare two distributions; the token's log-prob is its entry there).
 
         Returns:
-            float32 tensors of shape ``(len(completion),)`` on the model's device.
+            float32 tensors of shape ``(len(completion),)`` on the model's device, or
+            ``(len(completion), vocabulary)`` with ``full_distributions``.
         """
         if len(prompt_ids_list) != len(completion_ids_list):
             raise ValueError("need one completion per prompt")
@@ -687,17 +692,17 @@ class LLMPolicy:
                 out += self._score_chunk(
                     [list(map(int, prompt_ids_list[i])) for i in rows],
                     [list(map(int, completion_ids_list[i])) for i in rows],
+                    full_distributions,
                 )
         return out
 
     def _score_chunk(
-        self, prompts: list[list[int]], completions: list[list[int]]
+        self, prompts: list[list[int]], completions: list[list[int]], full: bool = False
     ) -> list[torch.Tensor]:
         if any(not p for p in prompts):
             raise ValueError("prompts must be non-empty")
         if self.share_prefixes and len({tuple(p) for p in prompts}) < len(prompts):
-            return self._score_shared_prompts(prompts, completions)
-        n = len(prompts)
+            return self._score_shared_prompts(prompts, completions, full)
         p_width = max(len(p) for p in prompts)
         c_width = max(1, max(len(c) for c in completions))
         # Prompts end in column p_width - 1, so every completion starts at column p_width.
@@ -710,15 +715,10 @@ class LLMPolicy:
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         # Positions p_width-1 .. p_width+c_width-2 predict the completion tokens.
         logits = self._forward(ids, mask, position_ids, logits_to_keep=c_width + 1)[:, :-1]
-        targets = ids[:, p_width:]
-        # cross_entropy = -log_softmax gathered, without materialising a second (n, c, V) tensor
-        logprobs = -F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        ).view(n, c_width)
-        return [logprobs[i, : len(c)] for i, c in enumerate(completions)]
+        return _completion_logprobs(logits, ids[:, p_width:], completions, full)
 
     def _score_shared_prompts(
-        self, prompts: list[list[int]], completions: list[list[int]]
+        self, prompts: list[list[int]], completions: list[list[int]], full: bool = False
     ) -> list[torch.Tensor]:
         """:meth:`_score_chunk` for a chunk in which some rows share a prompt (a session's
         rollouts): :meth:`_prefill` computes each distinct prompt once, then the completions
@@ -739,10 +739,7 @@ class LLMPolicy:
         step_positions = positions[:, -1:] + 1 + torch.arange(c_width, device=device)
         rest = self._forward(step_ids, attention, step_positions, cache, logits_to_keep=c_width)
         logits = torch.cat([first[:, None], rest[:, :-1]], dim=1)
-        logprobs = -F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), step_ids.reshape(-1), reduction="none"
-        ).view(n, c_width)
-        return [logprobs[i, : len(c)] for i, c in enumerate(completions)]
+        return _completion_logprobs(logits, step_ids, completions, full)
 
     def choice_probabilities(
         self,
@@ -1019,6 +1016,22 @@ def _choose(
     # probability zero (a masked token's mass adds nothing to the cumsum).
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return tokens.clamp(max=scores.shape[-1] - 1)
+
+
+def _completion_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, completions: list[list[int]], full: bool
+) -> list[torch.Tensor]:
+    """Per row, the log-probs of its completion's tokens (``full``: the whole log-softmax
+    at each of its positions) from ``logits`` ``(n, width, V)`` aligned with ``targets``."""
+    if full:
+        tables = torch.log_softmax(logits.float(), dim=-1)
+        return [tables[i, : len(c)] for i, c in enumerate(completions)]
+    n, width = targets.shape
+    # cross_entropy = -log_softmax gathered, without materialising a second (n, c, V) tensor
+    logprobs = -F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view(n, width)
+    return [logprobs[i, : len(c)] for i, c in enumerate(completions)]
 
 
 def _sampling_scores(

@@ -137,6 +137,73 @@ def test_the_teacher_is_scored_only_when_its_credit_is_used(tmp_path, credit):
         assert metrics["recommender/frac_positive_credit"] == 0.0
 
 
+@pytest.mark.parametrize("form", ["forward_kl", "reverse_kl"])
+def test_dense_credit_loss_is_lambda_times_the_teacher_student_kl(tmp_path, form):
+    """With ``credit_form`` a KL, the credit part of the loss is lambda times the per-turn
+    mean KL between the teacher's (x + d) and the student's (x) next-token distributions
+    over the tokens that carry loss. Rewards set to 0 leave only that part."""
+    import dataclasses
+
+    from coars_agents.credit import distillation_divergence
+    from coars_agents.rollout import rollout
+
+    lam = 0.5
+    trainer = make_trainer(
+        tmp_path,
+        credit_form=form,
+        credit_coef_rec=lam,
+        train_agents="recommender",
+        micro_batch_size=2,
+    )
+    episodes = rollout(
+        trainer.train_env,
+        trainer.agents(greedy=False),
+        seed=0,
+        options=[{"session_id": s} for s in trainer.sample_sessions(0)],
+    )
+    samples = [
+        dataclasses.replace(s, reward=0.0)
+        for s in trainer.build_samples(episodes)
+        if s.agent == RECOMMENDER
+    ]
+    assert len(samples) > trainer.config.micro_batch_size  # several chunks
+
+    def per_turn_kl(teacher_side: str, student_side: str) -> tuple[list[float], list[float]]:
+        completions = [s.completion_ids for s in samples]
+        score = trainer.policy.score
+        tables = {
+            side: score(
+                [getattr(s, side) for s in samples],
+                completions,
+                adapter=RECOMMENDER,
+                full_distributions=True,
+            )
+            for side in {teacher_side, student_side}
+        }
+        means, sums = [], []
+        for k, s in enumerate(samples):
+            mask = s.loss_mask.float()[None]
+            kl = distillation_divergence(
+                tables[teacher_side][k][None], tables[student_side][k][None], mask, form
+            )
+            sums.append(float(kl.sum()))
+            means.append(float(kl.sum()) / max(1.0, float(mask.sum())) * s.turn_mask)
+        return means, sums
+
+    means, sums = per_turn_kl("teacher_ids", "student_ids")
+    swapped, _ = per_turn_kl("student_ids", "teacher_ids")
+    # Swapping the contexts changes the value by far more than the tolerance used below
+    # (a random tiny model's distributions are near uniform, so the KLs are small).
+    assert sum(means) > 0 and abs(sum(swapped) - sum(means)) > 1e-4 * sum(means)
+    before = snapshot(trainer)
+    metrics = trainer.train_agent(RECOMMENDER, samples)
+    assert metrics["recommender/loss"] == pytest.approx(lam * np.mean(means), rel=1e-5)
+    tokens = sum(float(s.loss_mask.sum()) for s in samples)
+    assert metrics["recommender/mean_distill_kl"] == pytest.approx(sum(sums) / tokens, rel=1e-5)
+    assert metrics["recommender/mean_abs_credit"] > 0  # A is still logged
+    assert any(".lora_B.recommender." in n for n in changed(before, trainer))
+
+
 def test_training_one_agent_leaves_the_other_adapter_untouched(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=1, train_agents="recommender")
     before = snapshot(trainer)
@@ -605,8 +672,8 @@ def test_a_nan_log_prob_skips_the_chunk_and_leaves_the_adapter_finite(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=1, micro_batch_size=64)
     score = trainer.policy.score
 
-    def nan_for_recommender_student(prompts, completions, adapter=None, requires_grad=False):
-        out = score(prompts, completions, adapter=adapter, requires_grad=requires_grad)
+    def nan_for_recommender_student(prompts, completions, adapter=None, requires_grad=False, **kw):
+        out = score(prompts, completions, adapter=adapter, requires_grad=requires_grad, **kw)
         if adapter == RECOMMENDER and requires_grad:
             out[0] = out[0] * float("nan")
         return out

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from coars_agents.credit import coars_policy_loss, credit_advantages, group_normalise
+from coars_agents.credit import (
+    coars_policy_loss,
+    credit_advantages,
+    distillation_divergence,
+    distillation_loss,
+    group_normalise,
+)
 
 
 def test_credit_sign_and_exact_clipping():
@@ -117,3 +123,33 @@ def test_regularised_loss_reduces_to_paper_form_and_clips():
     )
     assert same.item() == 0.0
     assert apart.item() == pytest.approx(0.5 * (math.exp(-1.0) + 1.0 - 1.0))
+
+
+def test_distillation_divergences_exact_values_masks_and_gradient():
+    teacher = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]).log().requires_grad_()
+    logits = torch.tensor([[[0.0, math.log(3.0)], [1.0, 1.0]]], requires_grad=True)
+    student = torch.log_softmax(logits, dim=-1)  # [0.25, 0.75] and [0.5, 0.5]
+    mask = torch.tensor([[1, 0]])
+    forward = distillation_divergence(teacher, student, mask, "forward_kl")
+    reverse = distillation_divergence(teacher, student, mask, "reverse_kl")
+    kl_forward = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    kl_reverse = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert forward[0].tolist() == pytest.approx([kl_forward, 0.0])  # second token masked
+    assert reverse[0].tolist() == pytest.approx([kl_reverse, 0.0])
+    forward.sum().backward()
+    # Forward KL is a soft-label cross-entropy: d/d logits = p_S - p_T; the teacher is a
+    # target (no gradient), the masked position gets none.
+    assert logits.grad[0].flatten().tolist() == pytest.approx([0.25 - 0.5, 0.75 - 0.5, 0, 0])
+    assert teacher.grad is None
+    with pytest.raises(ValueError, match="unknown divergence"):
+        distillation_divergence(teacher, student, mask, "js")
+    with pytest.raises(ValueError, match="align"):
+        distillation_divergence(teacher, student[:, :1], mask, "forward_kl")
+
+
+def test_distillation_loss_normalises_per_turn_and_drops_masked_turns():
+    divergence = torch.tensor([[0.2, 0.4, 0.0], [1.0, 0.0, 0.0], [5.0, 5.0, 0.0]])
+    token_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0]])
+    turn_mask = torch.tensor([1, 1, 0])
+    loss = distillation_loss(divergence, token_mask, turn_mask, coef=0.5)
+    assert loss.item() == pytest.approx(0.5 * ((0.6 / 2) + (1.0 / 1) + 0.0) / 3)

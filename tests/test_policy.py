@@ -320,6 +320,32 @@ def test_score_handles_padding_and_grad(policy):
     torch.testing.assert_close(out[0], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("share_prefixes", [True, False])
+def test_full_distributions_hold_each_scored_tokens_log_prob(policy64, share_prefixes):
+    """``full_distributions`` returns the whole log-softmax per completion position; the
+    completion token's entry is what plain scoring returns, on both scoring paths (prompts
+    repeated: the shared-prefill path; ``share_prefixes`` off: the padded path)."""
+    p0, p1, _ = (policy64.render(m) for m in PROMPTS)
+    prompts, completions = [p0, p1, p0], [[5, 6, 7], [9], []]
+    policy64.share_prefixes = share_prefixes
+    try:
+        plain = policy64.score(prompts, completions)
+        tables = policy64.score(prompts, completions, full_distributions=True)
+    finally:
+        policy64.share_prefixes = True
+    vocab = policy64.lm.config.vocab_size
+    assert [tuple(t.shape) for t in tables] == [(3, vocab), (1, vocab), (0, vocab)]
+    for table, lp, c in zip(tables, plain, completions):
+        torch.testing.assert_close(table.exp().sum(-1), torch.ones(len(c), dtype=table.dtype))
+        gathered = table.gather(-1, torch.tensor(c, dtype=torch.long)[:, None])[:, 0]
+        torch.testing.assert_close(gathered, lp, atol=1e-6, rtol=0)
+    # Position n is the distribution of token n given the prompt and tokens < n: the first
+    # one does not depend on the completion, the second does.
+    other = policy64.score([p0], [[8, 6]], full_distributions=True)[0]
+    torch.testing.assert_close(other[0], tables[0][0], atol=1e-6, rtol=0)
+    assert not torch.allclose(other[1], tables[0][1], atol=1e-3)
+
+
 def test_rows_sharing_a_prompt_score_and_backpropagate_as_if_scored_alone():
     """A group's rollouts share their prompt: it is prefilled once (its KV cache shared by
     the completions), with the same log-probs and adapter gradients as separate rows."""
