@@ -163,6 +163,15 @@ class CoARSConfig:
     with a privileged teacher). The reward term is unchanged and A is still logged; the
     per-token KL is logged as ``<agent>/mean_distill_kl``. Costs a vocabulary-sized
     log-softmax per generated token in scoring."""
+    teacher: Literal["shared", "base"] = "shared"
+    """Whose distribution the teacher context ``x + d`` is scored with. ``shared``
+    (METHOD.md): the agent's own adapter, so the teacher learns with the student. ``base``
+    (ours, an ablation): the frozen base model, a fixed teacher that training cannot erode.
+    Why: the adapter is shared, so a gap between teacher and student can close from the
+    teacher's side; in a CPU run at lr 1e-3 with the dense credit, the teacher's turn-1
+    P(target) fell from 0.35 to 0.24 within 20 steps as the choice collapsed onto one
+    candidate number (docs/results/synthetic_cpu_dense_credit.md). ``rank_teacher`` ranks
+    with the same teacher."""
     credit_schedule: Literal["constant", "linear_decay"] = "constant"
     """``linear_decay`` anneals lambda to 0 over ``total_steps`` (ours)."""
     reward_mode: Literal["interaction", "outcome"] = "interaction"
@@ -585,7 +594,7 @@ class CoARSTrainer:
                     teacher = self.policy.score(
                         [s.teacher_ids for s in chunk],
                         completions,
-                        adapter=agent,
+                        adapter=agent if cfg.teacher == "shared" else None,
                         full_distributions=dense,
                     )
                 reference = None
@@ -876,7 +885,14 @@ class CoARSTrainer:
         )
         with self._decoding_models() if use_adapters else nullcontext():
             ranking = rank(agents[RECOMMENDER])
-            teacher = rank(agents[RECOMMENDER], hindsight=True) if cfg.rank_teacher else None
+            teacher = None
+            if cfg.rank_teacher:
+                teacher_agents = (
+                    agents
+                    if cfg.teacher == "shared"
+                    else self.agents(greedy=True, use_adapters=False)
+                )
+                teacher = rank(teacher_agents[RECOMMENDER], hindsight=True)
             judgements = None
             if cfg.rank_user:
                 judgements = turn1_user_judgements(
