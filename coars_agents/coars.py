@@ -623,9 +623,9 @@ class CoARSTrainer:
                     divergence = distillation_divergence(
                         teacher_dist, student_dist, token_mask, cfg.credit_form
                     )
-                    tokens = pad([torch.tensor(c, dtype=torch.long) for c in completions]).long()
-                    student_lp = student_dist.gather(-1, tokens[..., None])[..., 0]
-                    teacher_lp = teacher_dist.gather(-1, tokens[..., None])[..., 0]
+                    ids = pad([torch.tensor(c, dtype=torch.long) for c in completions]).long()
+                    student_lp = student_dist.gather(-1, ids[..., None])[..., 0]
+                    teacher_lp = teacher_dist.gather(-1, ids[..., None])[..., 0]
                 else:
                     student_lp = pad(student)
                     teacher_lp = pad(teacher) if teacher is not None else student_lp.detach()

@@ -82,7 +82,7 @@ def distillation_divergence(
     ``forward_kl``: KL(pi_T || pi_S), the student covers the teacher's mass (a soft-label
     cross-entropy up to the teacher's entropy); ``reverse_kl``: KL(pi_S || pi_T),
     mode-seeking, the full-distribution form of the expected sampled credit. The teacher is
-    detached: it is the target, though it shares the student's adapter.
+    detached: it is the target, even when it shares the student's adapter.
     """
     if teacher_logdist.shape != student_logdist.shape:
         raise ValueError(
@@ -91,7 +91,13 @@ def distillation_divergence(
         )
     teacher_logdist = teacher_logdist.detach()
     if kind == "forward_kl":
-        per_token = (teacher_logdist.exp() * (teacher_logdist - student_logdist)).sum(-1)
+        teacher_probs = teacher_logdist.exp()
+        # 0 log 0 = 0: a token the teacher rules out (log-prob -inf, e.g. a masked vocabulary
+        # entry) must add nothing rather than NaN.
+        terms = torch.where(
+            teacher_probs > 0, teacher_probs * (teacher_logdist - student_logdist), 0.0
+        )
+        per_token = terms.sum(-1)
     elif kind == "reverse_kl":
         per_token = (student_logdist.exp() * (student_logdist - teacher_logdist)).sum(-1)
     else:

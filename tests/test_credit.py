@@ -153,3 +153,14 @@ def test_distillation_loss_normalises_per_turn_and_drops_masked_turns():
     turn_mask = torch.tensor([1, 1, 0])
     loss = distillation_loss(divergence, token_mask, turn_mask, coef=0.5)
     assert loss.item() == pytest.approx(0.5 * ((0.6 / 2) + (1.0 / 1) + 0.0) / 3)
+
+
+def test_forward_kl_ignores_tokens_the_teacher_rules_out():
+    """A teacher log-prob of -inf (0 probability) adds 0, not NaN, and no NaN gradient."""
+    teacher = torch.tensor([[[0.0, -math.inf]]])  # all mass on token 0
+    logits = torch.tensor([[[0.0, 0.0]]], requires_grad=True)
+    student = torch.log_softmax(logits, dim=-1)
+    kl = distillation_divergence(teacher, student, torch.ones(1, 1), "forward_kl")
+    assert kl.item() == pytest.approx(math.log(2.0))
+    kl.sum().backward()
+    assert logits.grad[0, 0].tolist() == pytest.approx([0.5 - 1.0, 0.5])
