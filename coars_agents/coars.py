@@ -8,7 +8,9 @@ docstring; :class:`CoARSTrainer` runs the loop of METHOD.md:
    several rollouts per session;
 3. take the interaction rewards and masks from the env's turn records;
 4. build hindsight references ``d`` (:mod:`coars_agents.hindsight`): the target and a
-   diagnosis of the session's previous trajectory (or, on a first visit, the current one);
+   diagnosis of the session's previous trajectory (or, on a first visit, the current one):
+   a deterministic template, to which ``diagnosis="llm"`` adds a sentence of *why* per
+   turn written by the frozen base (METHOD.md's option);
 5. score every generated token under the student (``x``, with gradient) and the teacher
    (``x + d``, no gradient), same network and adapter;
 6. ``A = clip(log pi_T - log pi_S, -1, 1)`` and the loss of METHOD.md per agent
@@ -59,12 +61,19 @@ from coars_agents.credit import (
     regularised_policy_loss,
     token_weights,
 )
-from coars_agents.hindsight import recommender_reference, user_reference, with_reference
+from coars_agents.hindsight import (
+    item_description,
+    recommender_reference,
+    user_reference,
+    with_reference,
+    write_diagnoses,
+)
 from coars_agents.policy import LLMPolicy, LoraSettings, SamplingConfig
 from coars_agents.rollout import AgentTurn, Episode, LLMAgent, rollout
 from coars_env.data.common import DialogData
 from coars_env.dialog.config import EnvConfig
 from coars_env.dialog.env import RECOMMENDER, USER
+from coars_env.dialog.prompts import Catalog
 from coars_env.logs import summarize_episode
 from coars_env.metrics import recommendation_metrics
 from coars_env.vector import VectorRecDialogEnv
@@ -172,6 +181,17 @@ class CoARSConfig:
     P(target) fell from 0.35 to 0.24 within 20 steps as the choice collapsed onto one
     candidate number (docs/results/synthetic_cpu_dense_credit.md). ``rank_teacher`` ranks
     with the same teacher."""
+    diagnosis: Literal["template", "llm"] = "template"
+    """How d explains each turn. ``template`` (ours): a deterministic line per turn (what
+    was recommended, the user's answer, what was wrong). ``llm`` (METHOD.md's option): the
+    frozen base model also writes one sentence of *why* after each template line (greedy, at
+    most ``diagnosis_tokens`` tokens, cut at the first newline;
+    :func:`coars_agents.hindsight.write_diagnoses`). The verdict stays the template's, so a
+    poor note adds noise but never flips a fact. Each turn record is written about once and
+    the note kept with it in the hindsight memory (and checkpoints); costs one extra batched
+    generation per step, logged as ``time/diagnosis_s``."""
+    diagnosis_tokens: int = 32
+    """Most tokens of one LLM-written diagnosis (``diagnosis="llm"``)."""
     credit_schedule: Literal["constant", "linear_decay"] = "constant"
     """``linear_decay`` anneals lambda to 0 over ``total_steps`` (ours)."""
     reward_mode: Literal["interaction", "outcome"] = "interaction"
@@ -301,6 +321,8 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if self.diagnosis_tokens < 1:
+            raise ValueError(f"diagnosis_tokens must be >= 1, got {self.diagnosis_tokens}")
         if self.num_candidates < 2:
             raise ValueError(f"num_candidates must be >= 2, got {self.num_candidates}")
         if self.min_trained_turns < 0:
@@ -435,6 +457,7 @@ class CoARSTrainer:
         self._turn1_untrained: pd.DataFrame | None = None  # see rank_turn1
         # Hindsight memory: the last trajectory's turn records per training session.
         self.memory: dict[int, list[dict]] = {}
+        self._describe: Callable[[int], str] | None = None  # items for LLM diagnoses
         # Trained turns waiting for min_trained_turns, per agent (this process's share).
         self.pending: dict[str, list[TurnSample]] = {agent: [] for agent in AGENTS}
         self.history: list[dict] = []
@@ -481,6 +504,35 @@ class CoARSTrainer:
         if cfg.credit_schedule == "linear_decay" and cfg.total_steps > 0:
             coef *= max(0.0, 1.0 - self.step / cfg.total_steps)
         return coef
+
+    def write_diagnoses(self, episodes: list[Episode]) -> dict[str, float]:
+        """``diagnosis="llm"``: the frozen base writes the note of every turn record that the
+        coming :meth:`build_samples` puts into a reference and that has none yet (the
+        session's remembered trajectory, or the episode's own on a first visit)."""
+        if self.config.diagnosis != "llm":
+            return {}
+        t0 = time.perf_counter()
+        data = self.train_data
+        if self._describe is None:
+            catalog = Catalog(data.items)
+            self._describe = item_description(catalog.title, catalog.genres)
+        records: dict[int, tuple[dict, tuple[int, ...], int]] = {}
+        for ep in episodes:
+            history = data.sessions[ep.session_id].history[-self.config.history_items :]
+            for record in self.memory.get(ep.session_id, ep.turns):
+                if "diagnosis" not in record:
+                    records.setdefault(id(record), (record, history, int(ep.target)))
+        cases = list(records.values())
+        notes = write_diagnoses(
+            self.policy, cases, self._describe, max_new_tokens=self.config.diagnosis_tokens
+        )
+        for (record, _, _), note in zip(cases, notes):
+            record["diagnosis"] = note
+        return {
+            "hindsight/diagnoses_written": float(len(notes)),
+            "hindsight/empty_diagnoses": float(sum(not note for note in notes)),
+            "time/diagnosis_s": time.perf_counter() - t0,
+        }
 
     def build_samples(self, episodes: list[Episode]) -> list[TurnSample]:
         """Rewards, masks and teacher contexts for every generated answer of trained agents."""
@@ -738,8 +790,9 @@ class CoARSTrainer:
                 options=options,
             )
         t_generate = time.perf_counter() - t0
-        samples = self.build_samples(episodes)
         metrics: dict[str, float] = {"step": float(self.step + 1), "time/generation_s": t_generate}
+        metrics.update(self.write_diagnoses(episodes))
+        samples = self.build_samples(episodes)
         for agent in cfg.trained_agents:
             batch = self.pending[agent] + [s for s in samples if s.agent == agent]
             update = self._enough_trained_turns(batch)

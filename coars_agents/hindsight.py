@@ -2,7 +2,10 @@
 
 METHOD.md: the teacher sees the agent's ordinary context x plus a reference trajectory
 d that states the ground-truth item and a retrospective diagnosis of each turn. Ours is
-a deterministic template (an LLM-written diagnosis could replace :func:`diagnose_turn`).
+a deterministic template (:func:`diagnose_turn`). METHOD.md's option of an LLM-written
+diagnosis is :func:`write_diagnoses`: an LLM adds one sentence of *why* to each turn's
+template line (stored in the turn record under ``"diagnosis"``); the verdict itself stays
+the template's, so a poor note adds noise but never turns a wrong answer into a right one.
 
 Two rules keep the teacher honest:
 - d never quotes the output being scored as a good answer (a small teacher copies what
@@ -18,8 +21,10 @@ user_format_failure, repeat``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 
+from coars_agents.policy import LLMPolicy, SamplingConfig
 from coars_env.dialog.parsing import ACTION_NAMES
 
 HEADER = "Hindsight reference (for training; the session is already over):"
@@ -60,6 +65,9 @@ def diagnose_turn(turn: Turn, title_of: Callable[[int], str]) -> str:
         parts.append(f"The user's {action} was misaligned: the user really chose this item.")
     elif not turn.get("hit") and action == "click":
         parts.append("The user's click was misaligned: the user did not choose this item.")
+    note = turn.get("diagnosis")
+    if note:  # an LLM-written explanation (write_diagnoses); "" when it wrote nothing usable
+        parts.append(f"Why: {note}")
     return " ".join(parts)
 
 
@@ -110,3 +118,86 @@ def with_reference(messages: Sequence[Mapping[str, str]], reference: str) -> lis
             return out
     out.append({"role": "user", "content": reference})
     return out
+
+
+# --------------------------------------------------------------- LLM-written diagnoses
+
+DIAGNOSIS_SYSTEM = (
+    "You review a finished recommendation dialogue in hindsight. You are given the items the "
+    "user chose before, the item the user really chose next, and one turn of the dialogue "
+    "with its verdict. In one short sentence, explain why the verdict holds: compare the "
+    "recommended item with the user's history and the real next item."
+)
+
+
+def item_description(titles: Callable[[int], str], genres: Sequence[str]) -> Callable[[int], str]:
+    """The writer's view of an item: ``Title (year) [genres]``, the facts a *why* can use."""
+
+    def describe(item: int) -> str:
+        return f"{titles(item)} [{genres[item]}]" if genres[item] else titles(item)
+
+    return describe
+
+
+def diagnosis_messages(
+    turn: Turn, history: Sequence[int], target: int, describe: Callable[[int], str]
+) -> list[dict[str, str]]:
+    """The writer's chat prompt for one turn: history, real next item, the template verdict."""
+    lines = ["The user's earlier items (oldest first):"]
+    lines += [f"- {describe(item)}" for item in history] or ["- (none shown)"]
+    lines.append(f"The user's real next item: {describe(target)}")
+    lines.append(diagnose_turn({**turn, "diagnosis": ""}, describe))
+    lines.append("Why? Answer in one sentence.")
+    return [
+        {"role": "system", "content": DIAGNOSIS_SYSTEM},
+        {"role": "user", "content": "\n".join(lines)},
+    ]
+
+
+def clean_diagnosis(text: str, max_chars: int = 240) -> str:
+    """The note kept from a writer's output: its first non-empty line, whitespace collapsed,
+    cut at a word boundary to ``max_chars`` (``...`` marks a cut); ``""`` if nothing is left
+    (the reference then holds the template line alone)."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = re.sub(r"\s+", " ", line).strip()
+    if len(line) > max_chars:
+        line = line[: max_chars - 3].rsplit(" ", 1)[0].rstrip() + "..."
+    return line
+
+
+def write_diagnoses(
+    policy: LLMPolicy,
+    cases: Sequence[tuple[Turn, Sequence[int], int]],
+    describe: Callable[[int], str],
+    *,
+    max_new_tokens: int = 32,
+    adapter: str | None = None,
+) -> list[str]:
+    """One LLM-written note per ``(turn record, history items, target item)`` case, batched.
+
+    The writer is ``policy`` with ``adapter`` (default ``None``: the frozen base, so the
+    writer does not drift with training), greedy, stopped at the first newline. A prompt too
+    long for the context drops its oldest history items (halving) until it fits. Returns
+    :func:`clean_diagnosis` of each output, in order (``""`` where nothing usable came out).
+    """
+    histories = [list(history) for _, history, _ in cases]
+
+    def messages(i: int) -> list[dict[str, str]]:
+        turn, _, target = cases[i]
+        return diagnosis_messages(turn, histories[i], target, describe)
+
+    def shorter(i: int, _messages) -> list[dict[str, str]] | None:
+        if not histories[i]:
+            return None
+        histories[i] = histories[i][len(histories[i]) // 2 + len(histories[i]) % 2 :]
+        return messages(i)
+
+    if not cases:
+        return []
+    outputs = policy.generate(
+        [messages(i) for i in range(len(cases))],
+        adapter=adapter,
+        sampling=SamplingConfig(greedy=True, max_new_tokens=max_new_tokens, stop=("\n",)),
+        shortener=shorter,
+    )
+    return [clean_diagnosis(out.text) for out in outputs]

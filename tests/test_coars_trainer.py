@@ -256,6 +256,68 @@ def test_samples_carry_env_rewards_masks_and_exclude_forced_tokens(tmp_path):
     assert set(trainer.memory) == {ep.session_id for ep in episodes}
 
 
+def test_llm_diagnoses_come_from_the_frozen_base_and_reach_the_teacher_context(tmp_path):
+    from coars_agents.hindsight import item_description, write_diagnoses
+    from coars_agents.rollout import rollout
+    from coars_env.dialog.prompts import Catalog
+
+    trainer = make_trainer(tmp_path, diagnosis="llm", diagnosis_tokens=6)
+    perturb_adapter(trainer, RECOMMENDER)
+    perturb_adapter(trainer, USER, seed=1)
+    options = [{"session_id": s} for s in trainer.sample_sessions(0)]
+    episodes = rollout(trainer.train_env, trainer.agents(greedy=False), seed=0, options=options)
+    untouched = [[dict(r) for r in ep.turns] for ep in episodes]
+    metrics = trainer.write_diagnoses(episodes)
+    records = [r for ep in episodes for r in ep.turns]  # first visits: the episodes' own turns
+    assert metrics["hindsight/diagnoses_written"] == len(records) > 0
+    assert metrics["hindsight/empty_diagnoses"] == sum(not r["diagnosis"] for r in records)
+    assert metrics["time/diagnosis_s"] > 0
+    assert any(r["diagnosis"] for r in records), "the check below needs a non-empty note"
+    # The notes are the frozen base's greedy answers to the writer's prompts.
+    catalog = Catalog(trainer.train_data.items)
+    describe = item_description(catalog.title, catalog.genres)
+    cases = [
+        (turn, trainer.train_data.sessions[ep.session_id].history[-10:], ep.target)
+        for ep, turns in zip(episodes, untouched)
+        for turn in turns
+    ]
+    base_notes = write_diagnoses(trainer.policy, cases, describe, max_new_tokens=6, adapter=None)
+    assert [r["diagnosis"] for r in records] == base_notes
+    # Each written note is in the teacher context of every sample that references its turn.
+    samples = trainer.build_samples(episodes)
+    decode = trainer.policy.tokenizer.decode
+    for ep in episodes:
+        notes = [r["diagnosis"] for r in ep.turns if r["diagnosis"]]
+        for sample in (s for s in samples if s.session_id == ep.session_id):
+            teacher_text = decode(sample.teacher_ids)
+            assert all(f"Why: {note}" in teacher_text for note in notes)
+            assert "Why:" not in decode(sample.student_ids)
+
+
+def test_llm_diagnoses_are_written_once_per_turn_record_and_kept_in_checkpoints(tmp_path):
+    settings = dict(diagnosis="llm", diagnosis_tokens=4, sessions_per_step=5, checkpoint_every=1)
+    trainer = make_trainer(tmp_path, total_steps=1, **settings)
+    (first,) = trainer.train()
+    # Step 1 visits every session first: each episode's own turns are diagnosed.
+    assert first["hindsight/diagnoses_written"] == 5 * first["rollout/avg_turns"]
+    notes = {k: [r["diagnosis"] for r in v] for k, v in trainer.memory.items()}
+    assert len(notes) == 5
+    # A resumed run has the notes back; step 2 revisits every session, so its references
+    # are step 1's turns, already written: nothing new to write.
+    resumed = make_trainer(tmp_path, total_steps=2, **settings)
+    resumed.load_checkpoint(resumed.checkpoint_dirs()[-1])
+    assert {k: [r["diagnosis"] for r in v] for k, v in resumed.memory.items()} == notes
+    (second,) = resumed.train()
+    assert second["hindsight/diagnoses_written"] == 0
+    # The default template writes nothing and logs nothing about it.
+    plain = make_trainer(tmp_path / "plain", total_steps=1)
+    (metrics,) = plain.train()
+    assert not any(key.startswith("hindsight/") for key in metrics)
+    assert all("diagnosis" not in r for v in plain.memory.values() for r in v)
+    with pytest.raises(ValueError, match="diagnosis_tokens must be >= 1, got 0"):
+        CoARSConfig(diagnosis_tokens=0)
+
+
 def grouped_rollout(trainer: CoARSTrainer, group: int) -> tuple[list[int], list]:
     """Step 0's sessions, each rolled out ``group`` times (a group-normalisation batch)."""
     from coars_agents.rollout import rollout
