@@ -192,6 +192,11 @@ class CoARSConfig:
     generation per step, logged as ``time/diagnosis_s``."""
     diagnosis_tokens: int = 32
     """Most tokens of one LLM-written diagnosis (``diagnosis="llm"``)."""
+    diagnosis_model: str | None = None
+    """Who writes the diagnoses (``diagnosis="llm"``): a hub id, a local path, ``smollm2`` or
+    ``tiny``, loaded once, frozen and without adapters (e.g. a larger instruct model than the
+    agents'). ``None``: the agents' own frozen base. Small models write poor notes (SmolLM2-135M
+    mostly restates the verdict)."""
     credit_schedule: Literal["constant", "linear_decay"] = "constant"
     """``linear_decay`` anneals lambda to 0 over ``total_steps`` (ours)."""
     reward_mode: Literal["interaction", "outcome"] = "interaction"
@@ -368,14 +373,16 @@ class TurnSample:
     turn_mask: float
 
 
-def load_policy(config: CoARSConfig, device: torch.device) -> LLMPolicy:
-    """The base model for both agents (``tiny`` builds a random test model in code)."""
-    if config.model == "tiny":
+def load_policy(config: CoARSConfig, device: torch.device, model: str | None = None) -> LLMPolicy:
+    """The base model for both agents, or ``model`` (e.g. the diagnosis writer); ``tiny``
+    builds a random test model in code."""
+    model = model or config.model
+    if model == "tiny":
         from coars_agents.models import tiny_test_model
 
-        model, tokenizer = tiny_test_model(config.seed, max_position_embeddings=4096)
-        return LLMPolicy(model.to(device), tokenizer)
-    return LLMPolicy.from_pretrained(config.model, device=device)
+        module, tokenizer = tiny_test_model(config.seed, max_position_embeddings=4096)
+        return LLMPolicy(module.to(device), tokenizer)
+    return LLMPolicy.from_pretrained(model, device=device)
 
 
 def load_run_data(config: CoARSConfig, split: str) -> DialogData:
@@ -398,6 +405,8 @@ class CoARSTrainer:
         config: the run's :class:`CoARSConfig`.
         policy: an :class:`LLMPolicy` to train (default: loaded from ``config.model``).
         train_data / eval_data: :class:`DialogData` (default: built from ``config.env_id``).
+        diagnosis_policy: the writer of LLM diagnoses (default: loaded from
+            ``config.diagnosis_model`` when set, else ``policy``'s frozen base).
     """
 
     def __init__(
@@ -406,6 +415,7 @@ class CoARSTrainer:
         policy: LLMPolicy | None = None,
         train_data: DialogData | None = None,
         eval_data: DialogData | None = None,
+        diagnosis_policy: LLMPolicy | None = None,
     ) -> None:
         self.config = config
         self.output_dir = Path(config.output_dir)
@@ -419,6 +429,10 @@ class CoARSTrainer:
         self.train_data = train_data or load_run_data(config, "train")
         self.eval_data = eval_data or load_run_data(config, config.eval_split)
         self.policy = policy or load_policy(config, self.accelerator.device)
+        if diagnosis_policy is None and config.diagnosis == "llm" and config.diagnosis_model:
+            diagnosis_policy = load_policy(config, self.accelerator.device, config.diagnosis_model)
+        # Only the agents' policy carries adapters; a separate writer is used as loaded.
+        self.diagnosis_policy = diagnosis_policy or self.policy
         lora = LoraSettings(
             r=config.lora_r, alpha=config.lora_alpha, target_modules=config.lora_targets
         )
@@ -506,9 +520,10 @@ class CoARSTrainer:
         return coef
 
     def write_diagnoses(self, episodes: list[Episode]) -> dict[str, float]:
-        """``diagnosis="llm"``: the frozen base writes the note of every turn record that the
-        coming :meth:`build_samples` puts into a reference and that has none yet (the
-        session's remembered trajectory, or the episode's own on a first visit)."""
+        """``diagnosis="llm"``: the writer (the frozen base, or ``diagnosis_model``) adds the
+        note of every turn record that the coming :meth:`build_samples` puts into a reference
+        and that has none yet (the session's remembered trajectory, or the episode's own on a
+        first visit)."""
         if self.config.diagnosis != "llm":
             return {}
         t0 = time.perf_counter()
@@ -524,7 +539,10 @@ class CoARSTrainer:
                     records.setdefault(id(record), (record, history, int(ep.target)))
         cases = list(records.values())
         notes = write_diagnoses(
-            self.policy, cases, self._describe, max_new_tokens=self.config.diagnosis_tokens
+            self.diagnosis_policy,
+            cases,
+            self._describe,
+            max_new_tokens=self.config.diagnosis_tokens,
         )
         for (record, _, _), note in zip(cases, notes):
             record["diagnosis"] = note

@@ -294,6 +294,38 @@ def test_llm_diagnoses_come_from_the_frozen_base_and_reach_the_teacher_context(t
             assert "Why:" not in decode(sample.student_ids)
 
 
+def test_a_separate_diagnosis_model_writes_the_notes(tmp_path):
+    from coars_agents.hindsight import item_description, write_diagnoses
+    from coars_agents.models import tiny_test_model
+    from coars_agents.policy import LLMPolicy
+    from coars_agents.rollout import rollout
+    from coars_env.dialog.prompts import Catalog
+
+    writer = LLMPolicy(*tiny_test_model(7, max_position_embeddings=4096))
+    config = CoARSConfig(
+        output_dir=str(tmp_path / "run"), **{**TINY, "diagnosis": "llm", "diagnosis_tokens": 6}
+    )
+    trainer = CoARSTrainer(
+        config,
+        train_data=tiny_dialog_data(split="train"),
+        eval_data=tiny_dialog_data(split="valid"),
+        diagnosis_policy=writer,
+    )
+    options = [{"session_id": s} for s in trainer.sample_sessions(0)]
+    episodes = rollout(trainer.train_env, trainer.agents(greedy=False), seed=0, options=options)
+    catalog = Catalog(trainer.train_data.items)
+    cases = [
+        (dict(turn), trainer.train_data.sessions[ep.session_id].history[-10:], ep.target)
+        for ep in episodes
+        for turn in ep.turns
+    ]
+    describe = item_description(catalog.title, catalog.genres)
+    trainer.write_diagnoses(episodes)
+    notes = [r["diagnosis"] for ep in episodes for r in ep.turns]
+    assert notes == write_diagnoses(writer, cases, describe, max_new_tokens=6)
+    assert notes != write_diagnoses(trainer.policy, cases, describe, max_new_tokens=6)
+
+
 def test_llm_diagnoses_are_written_once_per_turn_record_and_kept_in_checkpoints(tmp_path):
     settings = dict(diagnosis="llm", diagnosis_tokens=4, sessions_per_step=5, checkpoint_every=1)
     trainer = make_trainer(tmp_path, total_steps=1, **settings)
