@@ -59,6 +59,7 @@ field), ``metrics.csv`` / ``metrics.md`` (the report), ``episodes.csv``, ``hit_b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -346,6 +347,7 @@ def turn1_choice_ranking(
     batch_size: int = 32,
     *,
     hindsight: bool = False,
+    reference: Callable[[Session], str] | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """An LLM recommender's turn-1 choice distribution over the candidates, per session.
@@ -361,6 +363,8 @@ def turn1_choice_ranking(
     played yet (:func:`coars_agents.hindsight.recommender_reference`: the target's number
     and title). Its ``target_prob`` says how much the teacher knows at turn 1, the most the
     credit term can pass on to the student (training only: it reads the target).
+    ``reference`` ranks under another d instead, one text per session (it implies
+    ``hindsight``): e.g. to probe how a wording of d changes what the teacher reads from it.
 
     Returns one row per session: ``session_id``, ``target_rank`` (0-based rank of the target),
     ``target_prob`` (its probability), ``top_prob`` (the largest probability) and
@@ -379,10 +383,10 @@ def turn1_choice_ranking(
         venv.reset(seed=0, options=[{"session_id": s} for s in chunk])
         budget = agent.sampling.max_new_tokens
         messages = [fit_prompt(env, agent.policy, budget) for env in venv.envs]
-        if hindsight:
+        if hindsight or reference is not None:
+            reference_of = reference or functools.partial(_first_visit_reference, data)
             messages = [
-                with_reference(m, _first_visit_reference(data, data.sessions[s]))
-                for m, s in zip(messages, chunk)
+                with_reference(m, reference_of(data.sessions[s])) for m, s in zip(messages, chunk)
             ]
         prompts = [agent.policy.render(m) for m in messages]
         n_candidates = len(data.sessions[chunk[0]].candidates)

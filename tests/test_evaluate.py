@@ -246,6 +246,20 @@ def test_llm_recommender_ranks_candidates_by_its_turn1_choice_probabilities(tiny
     assert teacher.loc[3, "target_prob"] == pytest.approx(teacher_probs[str(position + 1)])
     assert not np.allclose(teacher["target_prob"], ranking["target_prob"])
 
+    # Another wording of d, one per session (a probe of what the teacher reads).
+    def hint(s):
+        return f"Answer with item {s.candidates.index(s.target) + 1}."
+
+    probed = turn1_choice_ranking(agent, tiny, config, range(5), batch_size=2, reference=hint)
+    messages = with_reference(
+        fit_prompt(venv.envs[0], policy, GREEDY.max_new_tokens), hint(session)
+    )
+    (probe_probs,) = policy.choice_probabilities(
+        [policy.render(messages)], agent.template(20), "item"
+    )
+    assert probed.loc[3, "target_prob"] == pytest.approx(probe_probs[str(position + 1)])
+    assert not np.allclose(probed["target_prob"], teacher["target_prob"])
+
     skipped = evaluate(
         tiny, agent, "oracle", env_overrides=env, progress=False, rank_candidates=False
     )
