@@ -62,7 +62,6 @@ from coars_agents.credit import (
     token_weights,
 )
 from coars_agents.hindsight import (
-    item_description,
     recommender_reference,
     user_reference,
     with_reference,
@@ -528,9 +527,8 @@ class CoARSTrainer:
             return {}
         t0 = time.perf_counter()
         data = self.train_data
-        if self._describe is None:
-            catalog = Catalog(data.items)
-            self._describe = item_description(catalog.title, catalog.genres)
+        if self._describe is None:  # title, year and genres: the facts a "why" can use
+            self._describe = Catalog(data.items, max_summary_chars=0).line
         records: dict[int, tuple[dict, tuple[int, ...], int]] = {}
         for ep in episodes:
             history = data.sessions[ep.session_id].history[-self.config.history_items :]

@@ -130,15 +130,6 @@ DIAGNOSIS_SYSTEM = (
 )
 
 
-def item_description(titles: Callable[[int], str], genres: Sequence[str]) -> Callable[[int], str]:
-    """The writer's view of an item: ``Title (year) [genres]``, the facts a *why* can use."""
-
-    def describe(item: int) -> str:
-        return f"{titles(item)} [{genres[item]}]" if genres[item] else titles(item)
-
-    return describe
-
-
 def diagnosis_messages(
     turn: Turn, history: Sequence[int], target: int, describe: Callable[[int], str]
 ) -> list[dict[str, str]]:
@@ -174,6 +165,8 @@ def write_diagnoses(
     adapter: str | None = None,
 ) -> list[str]:
     """One LLM-written note per ``(turn record, history items, target item)`` case, batched.
+    ``describe`` names an item for the writer (the trainer passes
+    :meth:`coars_env.dialog.prompts.Catalog.line` without summaries: ``Title (year) [genres]``).
 
     The writer is ``policy`` with ``adapter`` (default ``None``: the frozen base, so the
     writer does not drift with training), greedy, stopped at the first newline. A prompt too
@@ -189,7 +182,7 @@ def write_diagnoses(
     def shorter(i: int, _messages) -> list[dict[str, str]] | None:
         if not histories[i]:
             return None
-        histories[i] = histories[i][len(histories[i]) // 2 + len(histories[i]) % 2 :]
+        histories[i] = histories[i][(len(histories[i]) + 1) // 2 :]  # drop the older half
         return messages(i)
 
     if not cases:

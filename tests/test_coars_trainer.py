@@ -257,7 +257,7 @@ def test_samples_carry_env_rewards_masks_and_exclude_forced_tokens(tmp_path):
 
 
 def test_llm_diagnoses_come_from_the_frozen_base_and_reach_the_teacher_context(tmp_path):
-    from coars_agents.hindsight import item_description, write_diagnoses
+    from coars_agents.hindsight import write_diagnoses
     from coars_agents.rollout import rollout
     from coars_env.dialog.prompts import Catalog
 
@@ -274,8 +274,8 @@ def test_llm_diagnoses_come_from_the_frozen_base_and_reach_the_teacher_context(t
     assert metrics["time/diagnosis_s"] > 0
     assert any(r["diagnosis"] for r in records), "the check below needs a non-empty note"
     # The notes are the frozen base's greedy answers to the writer's prompts.
-    catalog = Catalog(trainer.train_data.items)
-    describe = item_description(catalog.title, catalog.genres)
+    catalog = Catalog(trainer.train_data.items, max_summary_chars=0)
+    describe = catalog.line
     cases = [
         (turn, trainer.train_data.sessions[ep.session_id].history[-10:], ep.target)
         for ep, turns in zip(episodes, untouched)
@@ -295,7 +295,7 @@ def test_llm_diagnoses_come_from_the_frozen_base_and_reach_the_teacher_context(t
 
 
 def test_a_separate_diagnosis_model_writes_the_notes(tmp_path):
-    from coars_agents.hindsight import item_description, write_diagnoses
+    from coars_agents.hindsight import write_diagnoses
     from coars_agents.models import tiny_test_model
     from coars_agents.policy import LLMPolicy
     from coars_agents.rollout import rollout
@@ -313,13 +313,13 @@ def test_a_separate_diagnosis_model_writes_the_notes(tmp_path):
     )
     options = [{"session_id": s} for s in trainer.sample_sessions(0)]
     episodes = rollout(trainer.train_env, trainer.agents(greedy=False), seed=0, options=options)
-    catalog = Catalog(trainer.train_data.items)
+    catalog = Catalog(trainer.train_data.items, max_summary_chars=0)
     cases = [
         (dict(turn), trainer.train_data.sessions[ep.session_id].history[-10:], ep.target)
         for ep in episodes
         for turn in ep.turns
     ]
-    describe = item_description(catalog.title, catalog.genres)
+    describe = catalog.line
     trainer.write_diagnoses(episodes)
     notes = [r["diagnosis"] for ep in episodes for r in ep.turns]
     assert notes == write_diagnoses(writer, cases, describe, max_new_tokens=6)
