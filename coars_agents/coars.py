@@ -180,6 +180,16 @@ class CoARSConfig:
     P(target) fell from 0.35 to 0.24 within 20 steps as the choice collapsed onto one
     candidate number (docs/results/synthetic_cpu_dense_credit.md). ``rank_teacher`` ranks
     with the same teacher."""
+    answer_hint: bool = True
+    """Start each d with the aligned answer in the agent's own answer format ("Answer with
+    Item: 3"; "Answer with Action: click" for the target, "... dislike" for any other item),
+    then the verdicts and diagnoses (ours; :data:`coars_agents.hindsight.ANSWER_HINT`). Why:
+    a small teacher reads that line and little else. The frozen SmolLM2-135M's turn-1
+    P(target) under d is 0.68 with it and 0.35 without (chance 0.25, 4 candidates); its
+    P(accept) after a miss 0.09 with it and 0.98 without, higher than with no d at all
+    (0.94), so without the line the user's credit pushes towards accepting everything
+    (docs/results/synthetic_cpu_dense_credit.md). The line states the ground truth only,
+    never the output being scored. ``--no-answer-hint``: the d of sessions 1-12."""
     diagnosis: Literal["template", "llm"] = "template"
     """How d explains each turn. ``template`` (ours): a deterministic line per turn (what
     was recommended, the user's answer, what was wrong). ``llm`` (METHOD.md's option): the
@@ -293,7 +303,9 @@ class CoARSConfig:
     ``eval/teacher_turn1_top_prob``. The gap to the student's ``eval/turn1_target_prob`` is
     what the credit term can teach at turn 1; a teacher that cannot read d (a small model)
     has nothing to pass on, and teacher and student share the adapter, so training can shrink
-    the gap from either side. Doubles the ranking's cost."""
+    the gap from either side. Doubles the ranking's cost. With ``rank_user``, the user
+    teacher's judgements too (``eval/teacher_user_accept_hit``, ``..._miss``, ``..._gap``,
+    ``..._gap_se``: the user's d says whether the item is the one the user chose next)."""
     rank_user: bool = False
     """With each turn-1 ranking, also the user agent's exact turn-1 P(accept) after the
     recommender names the target and after it names a non-target, on the same sessions
@@ -567,7 +579,11 @@ class CoARSTrainer:
                     record = records[turn.turn]
                     if agent == RECOMMENDER:
                         reference = recommender_reference(
-                            target_position, target_title, reference_turns, data.title
+                            target_position,
+                            target_title,
+                            reference_turns,
+                            data.title,
+                            answer_hint=cfg.answer_hint,
                         )
                         if cfg.reward_mode == "outcome":
                             reward, mask = (1.0 if ep.hit else -1.0), 1.0
@@ -581,6 +597,7 @@ class CoARSTrainer:
                             target_title,
                             reference_turns,
                             data.title,
+                            answer_hint=cfg.answer_hint,
                         )
                         reward, mask = record["reward_user"], record["mask_user"]
                     samples.append(
@@ -919,7 +936,8 @@ class CoARSTrainer:
         play a part. With ``rank_teacher``, also the teacher's ``eval/teacher_turn1_target_prob``
         and ``eval/teacher_turn1_top_prob`` (the same sessions, the hindsight context added);
         with ``rank_user``, the user agent's ``eval/user_accept_hit``, ``eval/user_accept_miss``,
-        ``eval/user_accept_gap`` and ``eval/user_accept_gap_se``.
+        ``eval/user_accept_gap`` and ``eval/user_accept_gap_se``; with both, the user teacher's
+        too (``eval/teacher_user_accept_hit`` ...: the same judgements under the user's d).
 
         On the default held-out subset (``eval_data``, ``eval_sessions``, the run's seed) it
         also logs the paired gain over the untrained model, ``eval/turn1_target_prob_gain``
@@ -930,10 +948,12 @@ class CoARSTrainer:
         starts from a trained adapter (e.g. a resume) ranks once with the adapter switched off
         instead."""
         from coars_agents.evaluate import (
+            first_visit_reference,
             select_sessions,
             turn1_choice_ranking,
             turn1_ranking_metrics,
             turn1_user_judgements,
+            user_first_visit_reference,
             user_judgement_metrics,
         )
 
@@ -961,12 +981,26 @@ class CoARSTrainer:
                     if cfg.teacher == "shared"
                     else self.agents(greedy=True, use_adapters=False)
                 )
-                teacher = rank(teacher_agents[RECOMMENDER], hindsight=True)
-            judgements = None
-            if cfg.rank_user:
-                judgements = turn1_user_judgements(
-                    agents[USER], data, env_config, sessions, cfg.eval_batch_size, seed=cfg.seed
+                reference = functools.partial(
+                    first_visit_reference, data, answer_hint=cfg.answer_hint
                 )
+                teacher = rank(teacher_agents[RECOMMENDER], reference=reference)
+            judgements = teacher_judgements = None
+            if cfg.rank_user:
+                judge = functools.partial(
+                    turn1_user_judgements,
+                    data=data,
+                    config=env_config,
+                    session_ids=sessions,
+                    batch_size=cfg.eval_batch_size,
+                    seed=cfg.seed,
+                )
+                judgements = judge(agents[USER])
+                if cfg.rank_teacher:
+                    user_d = functools.partial(
+                        user_first_visit_reference, data, answer_hint=cfg.answer_hint
+                    )
+                    teacher_judgements = judge(teacher_agents[USER], reference=user_d)
         metrics = turn1_ranking_metrics(ranking)
         probs = ranking["target_prob"].to_numpy(dtype=float)
         out = {
@@ -998,6 +1032,9 @@ class CoARSTrainer:
             out["eval/teacher_turn1_top_prob"] = float(teacher["top_prob"].mean())
         if judgements is not None:
             out.update({f"eval/{k}": v for k, v in user_judgement_metrics(judgements).items()})
+        if teacher_judgements is not None:
+            metrics = user_judgement_metrics(teacher_judgements)
+            out.update({f"eval/teacher_{k}": v for k, v in metrics.items()})
         return out
 
     def _untrained_ranking(

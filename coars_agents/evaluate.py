@@ -73,7 +73,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from coars_agents.hindsight import recommender_reference, with_reference
+from coars_agents.hindsight import recommender_reference, user_reference, with_reference
 from coars_agents.rollout import Agent, Episode, LLMAgent, fit_prompt, rollout
 from coars_env.agents import (
     GenreRecommender,
@@ -384,7 +384,7 @@ def turn1_choice_ranking(
         budget = agent.sampling.max_new_tokens
         messages = [fit_prompt(env, agent.policy, budget) for env in venv.envs]
         if hindsight or reference is not None:
-            reference_of = reference or functools.partial(_first_visit_reference, data)
+            reference_of = reference or functools.partial(first_visit_reference, data)
             messages = [
                 with_reference(m, reference_of(data.sessions[s])) for m, s in zip(messages, chunk)
             ]
@@ -425,10 +425,25 @@ def _choice_distributions(
     )
 
 
-def _first_visit_reference(data: DialogData, session: Session) -> str:
+def first_visit_reference(data: DialogData, session: Session, *, answer_hint: bool = True) -> str:
     """The recommender teacher's d before any turn: the target and nothing to diagnose."""
     position = session.candidates.index(session.target)
-    return recommender_reference(position, data.title(session.target), [], data.title)
+    return recommender_reference(
+        position, data.title(session.target), [], data.title, answer_hint=answer_hint
+    )
+
+
+def user_first_visit_reference(
+    data: DialogData, session: Session, position: int, *, answer_hint: bool = True
+) -> str:
+    """The user teacher's d before any turn: whether candidate ``position`` (0-based) is the
+    target, and nothing to diagnose."""
+    item = session.candidates[position]
+    target_title = data.title(session.target)
+    is_target = item == session.target
+    return user_reference(
+        data.title(item), is_target, target_title, [], data.title, answer_hint=answer_hint
+    )
 
 
 KINDS = ("hit", "miss")
@@ -445,11 +460,15 @@ def user_turn1_prompts(
     batch_size: int = 32,
     *,
     rationale: str = JUDGED_RATIONALE,
+    hindsight: bool = False,
+    reference: Callable[[Session, int], str] | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """The user agent's turn-1 prompts (token ids, rendered and shortened as in a rollout)
     after the recommender names candidate ``position`` (0-based) of session ``session_id``
     with ``rationale``, for each ``(session_id, position)`` of ``judged``; and the peer score
-    q of each judged item (METHOD.md's q_t, which R_user uses)."""
+    q of each judged item (METHOD.md's q_t, which R_user uses). ``hindsight=True`` appends
+    the user teacher's d of a first visit (:func:`user_first_visit_reference`);
+    ``reference(session, position)`` appends another text instead."""
     prompts: list[list[int]] = []
     peer_scores: list[float] = []
     venvs: dict[int, VectorRecDialogEnv] = {}
@@ -460,7 +479,14 @@ def user_turn1_prompts(
         venv.reset(seed=0, options=[{"session_id": s} for s, _ in chunk])
         observations, *_ = venv.step([format_recommender(p, rationale) for _, p in chunk])
         budget = agent.sampling.max_new_tokens
-        prompts += [agent.policy.render(fit_prompt(e, agent.policy, budget)) for e in venv.envs]
+        messages = [fit_prompt(env, agent.policy, budget) for env in venv.envs]
+        if hindsight or reference is not None:
+            reference_of = reference or functools.partial(user_first_visit_reference, data)
+            messages = [
+                with_reference(m, reference_of(data.sessions[s], p))
+                for m, (s, p) in zip(messages, chunk)
+            ]
+        prompts += [agent.policy.render(m) for m in messages]
         peer_scores += [float(obs[USER]["peer"][0]) for obs in observations]
     return prompts, peer_scores
 
@@ -489,13 +515,21 @@ def turn1_user_judgements(
     *,
     seed: int = 0,
     rationale: str = JUDGED_RATIONALE,
+    hindsight: bool = False,
+    reference: Callable[[Session, int], str] | None = None,
 ) -> pd.DataFrame:
     """An LLM user agent's exact turn-1 action distribution on a hit and on a miss, per session.
 
     For each session, the user's turn-1 prompt (:func:`user_turn1_prompts`) after the
     recommender names the target (``kind="hit"``), and after it names one non-target
     candidate drawn uniformly from ``(seed, session_id)`` (``kind="miss"``), both with the
-    same ``rationale``. Each goes through
+    same ``rationale``; with ``hindsight=True``, under the self-distillation teacher's
+    context instead (the prompt plus the user's d of a first visit:
+    :func:`coars_agents.hindsight.user_reference`, which says whether the item is the one the
+    user chose next): how well the teacher tells them apart bounds what the credit term can
+    teach the user agent at turn 1 (training only: it reads the target). ``reference(session,
+    position)`` judges under another d instead (it implies ``hindsight``), e.g. to probe
+    what the teacher reads from a wording of d. Each goes through
     :meth:`~coars_agents.policy.LLMPolicy.choice_probabilities` over the user template's
     ``action`` choice, at the agent's temperature (1 for a greedy agent). Whether the user
     tells the two apart is the paired difference of ``p_accept``; an indiscriminate user has
@@ -509,7 +543,14 @@ def turn1_user_judgements(
         raise ValueError("judgement probabilities need a constrained LLM user agent")
     judged = hit_miss_pairs(data, session_ids, seed)
     prompts, peer_scores = user_turn1_prompts(
-        agent, data, config, judged, batch_size, rationale=rationale
+        agent,
+        data,
+        config,
+        judged,
+        batch_size,
+        rationale=rationale,
+        hindsight=hindsight,
+        reference=reference,
     )
     n_candidates = len(data.sessions[judged[0][0]].candidates) if judged else 0
     distributions = [  # batch_size prompts a pass, bounding memory as the ranking does

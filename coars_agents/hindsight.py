@@ -9,7 +9,9 @@ the template's, so a poor note adds noise but never turns a wrong answer into a 
 
 Two rules keep the teacher honest:
 - d never quotes the output being scored as a good answer (a small teacher copies what
-  its context holds): earlier outputs appear only with their verdict, wrong ones as wrong;
+  its context holds): earlier outputs appear only with their verdict, wrong ones as wrong.
+  What d may state is the ground truth, and by default its first line states it in the
+  agent's answer format (:data:`ANSWER_HINT`), the one wording a small teacher reads;
 - d is built from the turns the agents already played (earlier trajectories of the same
   session, or the current one on a first visit) plus the target; it exists only at
   training time and never reaches the environment.
@@ -25,9 +27,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from coars_agents.policy import LLMPolicy, SamplingConfig
-from coars_env.dialog.parsing import ACTION_NAMES
+from coars_env.dialog.parsing import ACTION_NAMES, REC_PREFIX, USER_ACTION_PREFIX
+from coars_env.dialog.rewards import CLICK, DISLIKE
 
 HEADER = "Hindsight reference (for training; the session is already over):"
+ANSWER_HINT = "Answer with {answer}"
+"""d's first line with ``answer_hint``: the aligned answer in the agent's own answer format
+("Answer with Item: 3", "Answer with Action: dislike"). The frozen SmolLM2-135M teacher reads
+this line and barely reads the verdict sentences alone: on 100 synthetic validation sessions
+(4 candidates) its turn-1 P(target) is 0.68, the target likeliest in all 100, against 0.35
+and 24 of 100 without it; its P(accept) after a miss is 0.09 with it and 0.98 without
+(docs/results/synthetic_cpu_dense_credit.md). It depends only on the ground truth, never on
+the output being scored."""
 
 Turn = Mapping[str, object]
 
@@ -76,13 +87,17 @@ def recommender_reference(
     target_title: str,
     turns: Sequence[Turn],
     title_of: Callable[[int], str],
+    *,
+    answer_hint: bool = True,
 ) -> str:
     """d for the recommender: the target and the diagnosis of earlier turns.
 
     ``target_position`` is 0-based; the text uses the 1-based candidate number the
-    recommender answers with.
+    recommender answers with. ``answer_hint`` starts d with :data:`ANSWER_HINT` for the
+    target ("Answer with Item: 3").
     """
-    lines = [
+    lines = [ANSWER_HINT.format(answer=f"{REC_PREFIX}{target_position + 1}")] if answer_hint else []
+    lines += [
         HEADER,
         f'The user\'s real next item was candidate {target_position + 1}: "{target_title}".',
     ]
@@ -96,15 +111,21 @@ def user_reference(
     target_title: str,
     turns: Sequence[Turn],
     title_of: Callable[[int], str],
+    *,
+    answer_hint: bool = True,
 ) -> str:
-    """d for the user agent: whether the item under judgement is the real next item."""
+    """d for the user agent: whether the item under judgement is the real next item.
+    ``answer_hint`` starts d with :data:`ANSWER_HINT` for the action of the highest reward:
+    click for the target, dislike for any other item."""
     verdict = (
         f'"{item_title}" IS the item this user really chose next: accepting it is aligned.'
         if is_target
         else f'"{item_title}" is NOT the item this user chose next (that was '
         f'"{target_title}"): accepting it would be misaligned.'
     )
-    lines = [HEADER, verdict]
+    aligned = ACTION_NAMES[CLICK if is_target else DISLIKE]
+    lines = [ANSWER_HINT.format(answer=f"{USER_ACTION_PREFIX}{aligned}")] if answer_hint else []
+    lines += [HEADER, verdict]
     lines += [diagnose_turn(turn, title_of) for turn in turns]
     return "\n".join(lines)
 

@@ -624,6 +624,33 @@ def test_rank_user_logs_the_user_agents_turn1_judgements(tmp_path):
     assert not any(k.startswith("eval/teacher_") for m in history for k in m)
 
 
+def test_rank_teacher_with_rank_user_logs_the_user_teachers_judgements(tmp_path):
+    from coars_agents.evaluate import (
+        select_sessions,
+        turn1_user_judgements,
+        user_judgement_metrics,
+    )
+    from coars_env.dialog.config import EnvConfig
+
+    trainer = make_trainer(
+        tmp_path, eval_sessions=3, rank_user=True, rank_teacher=True, teacher="base"
+    )
+    perturb_adapter(trainer, USER)
+    logged = trainer.rank_turn1()
+    sessions = select_sessions(len(trainer.eval_data.sessions), 3, trainer.config.seed)
+    config = EnvConfig(**trainer.env_kwargs).replace(render_prompts=False)
+    base_user = trainer.agents(greedy=True, use_adapters=False)[USER]
+    judge = dict(data=trainer.eval_data, config=config, session_ids=sessions, seed=0)
+    taught = user_judgement_metrics(turn1_user_judgements(base_user, hindsight=True, **judge))
+    student = user_judgement_metrics(
+        turn1_user_judgements(trainer.agents(greedy=True)[USER], **judge)
+    )
+    for key in ("user_accept_hit", "user_accept_miss", "user_accept_gap", "user_accept_gap_se"):
+        assert logged[f"eval/teacher_{key}"] == pytest.approx(taught[key])  # the frozen base + d
+        assert logged[f"eval/{key}"] == pytest.approx(student[key])  # the perturbed adapter
+    assert logged["eval/teacher_user_accept_miss"] != logged["eval/user_accept_miss"]
+
+
 def test_min_trained_turns_carries_turns_over_steps_and_checkpoints(tmp_path):
     waiting = make_trainer(tmp_path, total_steps=2, min_trained_turns=10**6, checkpoint_every=1)
     before = snapshot(waiting)

@@ -28,7 +28,7 @@ from coars_agents.evaluate import (
     turn1_user_judgements,
     user_judgement_metrics,
 )
-from coars_agents.hindsight import recommender_reference, with_reference
+from coars_agents.hindsight import recommender_reference, user_reference, with_reference
 from coars_agents.policy import LLMPolicy, SamplingConfig
 from coars_agents.rollout import LLMAgent, fit_prompt
 from coars_env.agents import PopularityRecommender, SessionIndex
@@ -303,6 +303,29 @@ def test_llm_user_judges_a_hit_and_a_miss_by_its_exact_action_probabilities(tiny
     metrics = user_judgement_metrics(judged)
     assert metrics["user_accept_hit"] == pytest.approx(hits.mean())
     assert metrics["user_accept_gap"] == pytest.approx((hits - misses).mean())
+    # The user teacher's judgements: the same prompt with the user's first-visit d appended.
+    teacher = turn1_user_judgements(
+        agent, tiny, config, range(5), batch_size=2, seed=0, hindsight=True
+    )
+    assert teacher["position"].tolist() == judged["position"].tolist()
+    session = tiny.sessions[3]
+    for kind, verdict in (("hit", "IS the item"), ("miss", "is NOT the item")):
+        row = judged[(judged["session_id"] == 3) & (judged["kind"] == kind)].iloc[0]
+        venv.reset(seed=0, options=[{"session_id": 3}])
+        venv.step([format_recommender(int(row["position"]), JUDGED_RATIONALE)])
+        item = session.candidates[int(row["position"])]
+        reference = user_reference(
+            tiny.title(item), kind == "hit", tiny.title(session.target), [], tiny.title
+        )
+        assert verdict in reference
+        prompt = fit_prompt(venv.envs[0], policy, GREEDY.max_new_tokens)
+        (teacher_probs,) = policy.choice_probabilities(
+            [policy.render(with_reference(prompt, reference))], agent.template(20), "action"
+        )
+        taught = teacher[(teacher["session_id"] == 3) & (teacher["kind"] == kind)].iloc[0]
+        assert taught["p_accept"] == pytest.approx(teacher_probs["click"] + teacher_probs["star"])
+        assert taught["q"] == row["q"]
+    assert not np.allclose(teacher["p_accept"], judged["p_accept"])
     with pytest.raises(ValueError, match="constrained LLM user"):
         turn1_user_judgements(
             LLMAgent(policy, "user", sampling=GREEDY, constrained=False), tiny, config, [0]

@@ -35,6 +35,7 @@ def test_recommender_reference_names_target_and_labels_wrong_turns():
     turns = [turn(1, 2, 11, False, "skip"), turn(2, 0, 12, False, "click")]
     text = recommender_reference(4, "Amélie", turns, title_of)
     assert text.splitlines() == [
+        "Answer with Item: 5",
         HEADER,
         'The user\'s real next item was candidate 5: "Amélie".',
         'Turn 1: recommended item 3 "Heat"; the user answered skip. '
@@ -43,6 +44,9 @@ def test_recommender_reference_names_target_and_labels_wrong_turns():
         "Wrong: not the user's real next item. "
         "The user's click was misaligned: the user did not choose this item.",
     ]
+    # Without the answer hint, d is the same minus its first line (the d of sessions 1-12).
+    plain = recommender_reference(4, "Amélie", turns, title_of, answer_hint=False)
+    assert plain.splitlines() == text.splitlines()[1:]
 
 
 def test_diagnosis_of_failures_repeats_and_misaligned_user():
@@ -67,8 +71,30 @@ def test_action_codes_from_turn_records_are_named():
 def test_user_reference_verdicts():
     yes = user_reference("Amélie", True, "Amélie", [], title_of)
     no = user_reference("Heat", False, "Amélie", [], title_of)
-    assert "IS the item" in yes and "NOT" not in yes
-    assert "is NOT the item" in no and '"Amélie"' in no
+    assert yes.splitlines() == [
+        "Answer with Action: click",
+        HEADER,
+        '"Amélie" IS the item this user really chose next: accepting it is aligned.',
+    ]
+    assert no.splitlines() == [
+        "Answer with Action: dislike",
+        HEADER,
+        '"Heat" is NOT the item this user chose next (that was "Amélie"): accepting it would '
+        "be misaligned.",
+    ]
+    plain = user_reference("Heat", False, "Amélie", [], title_of, answer_hint=False)
+    assert plain.splitlines() == no.splitlines()[1:]
+
+
+def test_the_answer_hints_are_answers_the_parser_reads_as_the_aligned_ones():
+    from coars_env.dialog.parsing import ACTION_NAMES, parse_recommender, parse_user
+
+    hint = recommender_reference(4, "Amélie", [], title_of).splitlines()[0]
+    assert parse_recommender(hint.removeprefix("Answer with "), 20).position == 4
+    for is_target, action in ((True, "click"), (False, "dislike")):
+        hint = user_reference("Heat", is_target, "Amélie", [], title_of).splitlines()[0]
+        parsed = parse_user(hint.removeprefix("Answer with "))
+        assert ACTION_NAMES[parsed.action] == action and not parsed.format_failure
 
 
 def test_with_reference_appends_to_last_user_message_without_mutating():
