@@ -188,8 +188,9 @@ class CoARSConfig:
     P(target) under d is 0.68 with it and 0.35 without (chance 0.25, 4 candidates); its
     P(accept) after a miss 0.09 with it and 0.98 without, higher than with no d at all
     (0.94), so without the line the user's credit pushes towards accepting everything
-    (docs/results/synthetic_cpu_dense_credit.md). The line states the ground truth only,
-    never the output being scored. ``--no-answer-hint``: the d of sessions 1-12."""
+    (docs/results/synthetic_cpu_answer_hint.md). The line states the ground truth only,
+    never the output being scored; a recommender turn after one that named the target gets
+    no line (naming it again is a repeat). ``--no-answer-hint``: the d of sessions 1-12."""
     diagnosis: Literal["template", "llm"] = "template"
     """How d explains each turn. ``template`` (ours): a deterministic line per turn (what
     was recommended, the user's answer, what was wrong). ``llm`` (METHOD.md's option): the
@@ -578,12 +579,15 @@ class CoARSTrainer:
                 for turn in generated:
                     record = records[turn.turn]
                     if agent == RECOMMENDER:
+                        # Once the target was named, naming it again is a repeat (a miss):
+                        # no later turn of this episode is told to answer with it.
+                        named = any(r["hit"] for t, r in records.items() if t < turn.turn)
                         reference = recommender_reference(
                             target_position,
                             target_title,
                             reference_turns,
                             data.title,
-                            answer_hint=cfg.answer_hint,
+                            answer_hint=cfg.answer_hint and not named,
                         )
                         if cfg.reward_mode == "outcome":
                             reward, mask = (1.0 if ep.hit else -1.0), 1.0

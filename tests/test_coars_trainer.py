@@ -256,6 +256,37 @@ def test_samples_carry_env_rewards_masks_and_exclude_forced_tokens(tmp_path):
     assert set(trainer.memory) == {ep.session_id for ep in episodes}
 
 
+@pytest.mark.parametrize("answer_hint", [True, False])
+def test_the_teacher_context_opens_with_the_answer_line_until_the_target_was_named(
+    tmp_path, answer_hint
+):
+    from coars_agents.rollout import rollout
+
+    trainer = make_trainer(tmp_path, answer_hint=answer_hint)
+    options = [{"session_id": s} for s in trainer.sample_sessions(0)]
+    episodes = rollout(trainer.train_env, trainer.agents(greedy=False), seed=0, options=options)
+    long = [ep for ep in episodes if len(ep.recommender) >= 2]
+    assert long, "the check needs an episode of two turns or more"
+    for ep in long:  # as if turn 1 had named the target and the user had rejected it
+        ep.turns[0]["hit"] = True
+    samples = trainer.build_samples(episodes)
+    decode = trainer.policy.tokenizer.decode
+    for ep in episodes:
+        target = ep.candidates.index(ep.target) + 1
+        rec = [s for s in samples if s.agent == RECOMMENDER and s.session_id == ep.session_id]
+        for sample, turn in zip(rec, ep.recommender):
+            named_before = any(r["hit"] for r in ep.turns if r["turn"] < turn.turn)
+            expected = answer_hint and not named_before
+            assert (f"Answer with Item: {target}\n" in decode(sample.teacher_ids)) == expected
+        users = [s for s in samples if s.agent == USER and s.session_id == ep.session_id]
+        records = {r["turn"]: r for r in ep.turns}
+        for sample, turn in zip(users, ep.user_agent):
+            action = "click" if records[turn.turn]["rec_item"] == ep.target else "dislike"
+            line = f"Answer with Action: {action}\n"
+            assert (line in decode(sample.teacher_ids)) == answer_hint
+            assert "Answer with" not in decode(sample.student_ids)
+
+
 def test_llm_diagnoses_come_from_the_frozen_base_and_reach_the_teacher_context(tmp_path):
     from coars_agents.hindsight import write_diagnoses
     from coars_agents.rollout import rollout
