@@ -185,7 +185,7 @@ class CoARSConfig:
     Item: 3"; "Answer with Action: click" for the target, "... dislike" for any other item),
     then the verdicts and diagnoses (ours; :data:`coars_agents.hindsight.ANSWER_HINT`). Why:
     a small teacher reads that line and little else. The frozen SmolLM2-135M's turn-1
-    P(target) under d is 0.68 with it and 0.35 without (chance 0.25, 4 candidates); its
+    P(target) under d is 0.70 with it and 0.35 without (chance 0.25, 4 candidates); its
     P(accept) after a miss 0.09 with it and 0.98 without, higher than with no d at all
     (0.94), so without the line the user's credit pushes towards accepting everything
     (docs/results/synthetic_cpu_answer_hint.md). The line states the ground truth only,

@@ -35,7 +35,7 @@ ANSWER_HINT = "Answer with {answer}"
 """d's first line with ``answer_hint``: the aligned answer in the agent's own answer format
 ("Answer with Item: 3", "Answer with Action: dislike"). The frozen SmolLM2-135M teacher reads
 this line and barely reads the verdict sentences alone: on 100 synthetic validation sessions
-(4 candidates) its turn-1 P(target) is 0.68, the target likeliest in all 100, against 0.35
+(4 candidates) its turn-1 P(target) is 0.70, the target likeliest in all 100, against 0.35
 and 24 of 100 without it; its P(accept) after a miss is 0.09 with it and 0.98 without
 (docs/results/synthetic_cpu_answer_hint.md). It depends only on the ground truth, never on
 the output being scored."""

@@ -137,12 +137,12 @@ def test_the_teacher_is_scored_only_when_its_credit_is_used(tmp_path, credit):
         assert metrics["recommender/frac_positive_credit"] == 0.0
 
 
-def perturb_adapter(trainer: CoARSTrainer, agent: str, seed: int = 0) -> None:
+def perturb_adapter(trainer: CoARSTrainer, agent: str, seed: int = 0, scale: float = 0.05) -> None:
     """Move an adapter off the identity (LoRA B starts at 0), so that it and the base differ."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in trainer.policy.trainable_parameters(agent):
-            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
 @pytest.mark.parametrize(
@@ -168,7 +168,9 @@ def test_dense_credit_loss_is_lambda_times_the_teacher_student_kl(tmp_path, form
         train_agents="recommender",
         micro_batch_size=2,
     )
-    perturb_adapter(trainer, RECOMMENDER)
+    # Far enough from the base that the shared and the base teacher differ well beyond the
+    # tolerance of the loss check (1e-4 relative; at 0.05 they differed by about that much).
+    perturb_adapter(trainer, RECOMMENDER, scale=0.2)
     episodes = rollout(
         trainer.train_env,
         trainer.agents(greedy=False),
@@ -208,7 +210,7 @@ def test_dense_credit_loss_is_lambda_times_the_teacher_student_kl(tmp_path, form
         per_turn_kl(student, teachers[teacher])[0],
         per_turn_kl(teachers[other], student)[0],
     ):
-        assert abs(sum(wrong) - sum(means)) > 1e-3 * sum(means)
+        assert abs(np.mean(wrong) - np.mean(means)) > 1e-3 * np.mean(means)
     before = snapshot(trainer)
     metrics = trainer.train_agent(RECOMMENDER, samples)
     assert metrics["recommender/loss"] == pytest.approx(lam * np.mean(means), rel=1e-4)
