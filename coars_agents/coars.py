@@ -1037,8 +1037,8 @@ class CoARSTrainer:
         if judgements is not None:
             out.update({f"eval/{k}": v for k, v in user_judgement_metrics(judgements).items()})
         if teacher_judgements is not None:
-            metrics = user_judgement_metrics(teacher_judgements)
-            out.update({f"eval/teacher_{k}": v for k, v in metrics.items()})
+            taught = user_judgement_metrics(teacher_judgements)
+            out.update({f"eval/teacher_{k}": v for k, v in taught.items()})
         return out
 
     def _untrained_ranking(

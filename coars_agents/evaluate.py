@@ -460,15 +460,14 @@ def user_turn1_prompts(
     batch_size: int = 32,
     *,
     rationale: str = JUDGED_RATIONALE,
-    hindsight: bool = False,
     reference: Callable[[Session, int], str] | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """The user agent's turn-1 prompts (token ids, rendered and shortened as in a rollout)
     after the recommender names candidate ``position`` (0-based) of session ``session_id``
     with ``rationale``, for each ``(session_id, position)`` of ``judged``; and the peer score
-    q of each judged item (METHOD.md's q_t, which R_user uses). ``hindsight=True`` appends
-    the user teacher's d of a first visit (:func:`user_first_visit_reference`);
-    ``reference(session, position)`` appends another text instead."""
+    q of each judged item (METHOD.md's q_t, which R_user uses). With ``reference``, each
+    prompt ends with ``reference(session, position)`` (a teacher's d, e.g.
+    :func:`user_first_visit_reference`)."""
     prompts: list[list[int]] = []
     peer_scores: list[float] = []
     venvs: dict[int, VectorRecDialogEnv] = {}
@@ -480,10 +479,9 @@ def user_turn1_prompts(
         observations, *_ = venv.step([format_recommender(p, rationale) for _, p in chunk])
         budget = agent.sampling.max_new_tokens
         messages = [fit_prompt(env, agent.policy, budget) for env in venv.envs]
-        if hindsight or reference is not None:
-            reference_of = reference or functools.partial(user_first_visit_reference, data)
+        if reference is not None:
             messages = [
-                with_reference(m, reference_of(data.sessions[s], p))
+                with_reference(m, reference(data.sessions[s], p))
                 for m, (s, p) in zip(messages, chunk)
             ]
         prompts += [agent.policy.render(m) for m in messages]
@@ -542,15 +540,10 @@ def turn1_user_judgements(
     if not agent.constrained:
         raise ValueError("judgement probabilities need a constrained LLM user agent")
     judged = hit_miss_pairs(data, session_ids, seed)
+    if hindsight and reference is None:
+        reference = functools.partial(user_first_visit_reference, data)
     prompts, peer_scores = user_turn1_prompts(
-        agent,
-        data,
-        config,
-        judged,
-        batch_size,
-        rationale=rationale,
-        hindsight=hindsight,
-        reference=reference,
+        agent, data, config, judged, batch_size, rationale=rationale, reference=reference
     )
     n_candidates = len(data.sessions[judged[0][0]].candidates) if judged else 0
     distributions = [  # batch_size prompts a pass, bounding memory as the ranking does
