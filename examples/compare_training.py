@@ -48,7 +48,7 @@ import pandas as pd
 import tyro
 
 from coars_agents.coars import CoARSConfig, CoARSTrainer, load_run_data
-from coars_agents.evaluate import evaluate, plot_learning_curves
+from coars_agents.evaluate import SCRIPTED_RECOMMENDERS, evaluate, plot_learning_curves
 
 Method = Literal[
     "untrained", "outcome", "coars", "coars-no-credit", "coars-rec-only", "coars-user-only"
@@ -112,7 +112,8 @@ class Args:
     for the host work of decoding (on a GPU, 1-2 threads a job are enough)."""
     references: tuple[str, ...] = ("random", "genre")
     """Scripted recommenders evaluated against the oracle user on the same held-out sessions,
-    as reference rows (``coars_agents.evaluate.SCRIPTED_RECOMMENDERS``; none: pass nothing)."""
+    as reference rows (``coars_agents.evaluate.SCRIPTED_RECOMMENDERS``; ``none``: no rows).
+    Checked before any job starts, so a typo cannot cost a finished comparison its table."""
     report_only: bool = False
     """Run nothing: tabulate the finished jobs found in ``out_dir`` and plot their curves."""
     deadline_minutes: float = 0.0
@@ -227,6 +228,19 @@ def to_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference_names(references: tuple[str, ...]) -> tuple[str, ...]:
+    """The scripted reference rows to evaluate: ``references`` checked, ``("none",)`` -> ()."""
+    if tuple(references) == ("none",):
+        return ()
+    unknown = [name for name in references if name not in SCRIPTED_RECOMMENDERS]
+    if unknown:
+        raise ValueError(
+            f"unknown reference recommender(s) {unknown}; choose from "
+            f"{', '.join(SCRIPTED_RECOMMENDERS)}, or 'none' for no reference rows"
+        )
+    return tuple(references)
+
+
 def main(args: Args) -> pd.DataFrame:
     """Run (or resume) every job, then write the tables and learning curves."""
     out = Path(args.out_dir)
@@ -235,6 +249,7 @@ def main(args: Args) -> pd.DataFrame:
     if args.threads_per_job < 0:
         raise ValueError(f"threads_per_job must be >= 0 (0: automatic), got {args.threads_per_job}")
     threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // args.workers)
+    references = reference_names(args.references)
     start, results, failed = time.monotonic(), [], []
 
     def finished(job: tuple, outcome: Callable[[], dict | None]) -> None:
@@ -262,7 +277,7 @@ def main(args: Args) -> pd.DataFrame:
             futures = {job: pool.submit(_guarded_job, args, *job, threads, start) for job in jobs}
             for job, future in futures.items():
                 finished(job, future.result)
-    results += [reference_result(args, e, name) for e in args.env_ids for name in args.references]
+    results += [reference_result(args, e, name) for e in args.env_ids for name in references]
     summary = write_tables(out, results)
     print(to_markdown(summary))
     for env_id in args.env_ids:

@@ -190,6 +190,28 @@ def test_compare_training_threads_per_job(tmp_path, monkeypatch):
         example.main(example.Args(**{**vars(args), "threads_per_job": -1}))
 
 
+def test_compare_training_checks_references_before_any_job(tmp_path, monkeypatch):
+    # Session 14 lost a GPU comparison's table: `--references none` failed only after training.
+    example = load_example("compare_training")
+    started: list[tuple] = []
+
+    def record_job(args, env_id, method, seed, threads):
+        started.append((method, seed))
+        raise RuntimeError("not run")
+
+    monkeypatch.setattr(example, "run_job", record_job)
+    args = example.Args(methods=("coars",), seeds=(0,), out_dir=str(tmp_path), final_sessions=1)
+    with pytest.raises(ValueError, match=r"unknown reference recommender\(s\) \['nne'\].*'none'"):
+        example.main(example.Args(**{**vars(args), "references": ("genre", "nne")}))
+    assert started == []
+    assert example.reference_names(("none",)) == ()
+    assert example.reference_names(()) == ()
+    assert example.reference_names(("random", "genre")) == ("random", "genre")
+    with pytest.raises(RuntimeError, match="1 of 1 jobs failed"):
+        example.main(example.Args(**{**vars(args), "references": ("none",)}))
+    assert started == [("coars", 0)]
+
+
 def test_compare_training_methods_are_the_baselines_and_method_md_ablations(tmp_path):
     example = load_example("compare_training")
     args = example.Args(out_dir=str(tmp_path), train=CoARSConfig(total_steps=7, eval_every=2))
