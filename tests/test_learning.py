@@ -67,7 +67,10 @@ recommender no longer repeating itself after a miss; turn-1 Hit@1 did not move. 
 group statistics leave masked turns out and the user agent's rewards are no longer
 group-normalised (``group_normalise_user``), which removed the mechanism of that gain (the user
 rejecting everything); the session-6 runs (docs/results/synthetic_h200_turn1.md) found no
-turn-1 gain in 27-33 steps. Expect this test to fail until the method learns preferences."""
+turn-1 gain in 27-33 steps, and the session-14 runs (4 candidates, T = 1, the answer line;
+docs/results/synthetic_h200_answer_hint.md) none in 860-1,470 sessions, while labels moved the
+first choice only after about 1,500. Expect this test to fail until the method learns
+preferences."""
 
 
 @pytest.fixture(scope="module")
