@@ -69,6 +69,7 @@ from coars_agents.hindsight import (
 )
 from coars_agents.policy import LLMPolicy, LoraSettings, SamplingConfig
 from coars_agents.rollout import AgentTurn, Episode, LLMAgent, rollout
+from coars_env.agents import make_scripted
 from coars_env.data.common import DialogData
 from coars_env.dialog.config import EnvConfig
 from coars_env.dialog.env import RECOMMENDER, USER
@@ -236,6 +237,24 @@ class CoARSConfig:
     Outcome rewards (+-1) have no such spread: an all-miss group gets 0 either way."""
     train_agents: Literal["both", "recommender", "user"] = "both"
     """Which adapters learn (the ablations train one)."""
+    recommender_partner: Literal[
+        "llm", "random", "popularity", "genre", "sasrec", "oracle", "balanced"
+    ] = "llm"
+    """Who recommends in the training rollouts while only the user agent learns
+    (``train_agents="user"``): ``llm`` (the recommender LLM, frozen) or a scripted built-in
+    of ``coars_env.agents``. ``balanced`` (ours; privileged) names the target with
+    probability 1/2 per turn, else a random other candidate, so the user agent sees as many
+    hits as misses: without METHOD.md's mask (``exclude_miss_positive="none"``) always
+    accepting and always rejecting then earn the same mean reward, and only telling hits
+    from misses pays. Under an LLM recommender about 3 in 4 judged items are misses (4
+    candidates), which pushes an untrained user to a constant answer
+    (docs/results/synthetic_cpu_user_mask.md). Evaluation still uses the LLM agents."""
+    user_partner: Literal["llm", "oracle"] = "llm"
+    """Who answers in the training rollouts while the user agent does not learn
+    (``train_agents="recommender"`` or ``reward_mode="outcome"``): ``llm`` (the user LLM,
+    frozen) or ``oracle`` (privileged, scripted: clicks the target and only the target; its
+    other answers come from the item's peer score and history similarity), the
+    RecSim-style simulated user. Evaluation still uses the LLM agents."""
     exclude_miss_positive: Literal["user", "both", "none"] = "user"
     """Who loses miss-but-positive turns (METHOD.md default: the user agent only; ``none``:
     nobody, so the user agent learns from its accepted misses' negative reward)."""
@@ -353,6 +372,20 @@ class CoARSConfig:
             )
         if min(self.eval_every, self.rank_every, self.checkpoint_every - 1) < 0:
             raise ValueError("eval_every and rank_every must be >= 0, checkpoint_every >= 1")
+        # Partners only play training rollouts (none with total_steps 0: an untrained row).
+        trained = self.trained_agents
+        if self.total_steps > 0 and self.recommender_partner != "llm" and trained != (USER,):
+            raise ValueError(
+                f"recommender_partner={self.recommender_partner!r} replaces the recommender "
+                "LLM in training rollouts, so only the user agent may learn: set "
+                "train_agents='user'"
+            )
+        if self.total_steps > 0 and self.user_partner != "llm" and USER in trained:
+            raise ValueError(
+                f"user_partner={self.user_partner!r} replaces the user LLM in training "
+                "rollouts, so the user agent cannot learn: set train_agents='recommender' "
+                "(or reward_mode='outcome')"
+            )
         user_rate = self.user_learning_rate
         if self.learning_rate <= 0 or (user_rate is not None and user_rate <= 0):
             raise ValueError("learning rates must be > 0")
@@ -484,11 +517,29 @@ class CoARSTrainer:
         # Hindsight memory: the last trajectory's turn records per training session.
         self.memory: dict[int, list[dict]] = {}
         self._describe: Callable[[int], str] | None = None  # items for LLM diagnoses
+        self._partners: dict[str, Callable] = {}  # scripted partners (training_agents)
         # Trained turns waiting for min_trained_turns, per agent (this process's share).
         self.pending: dict[str, list[TurnSample]] = {agent: [] for agent in AGENTS}
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ agents
+
+    def training_agents(self) -> dict:
+        """The rollout agents of the current step: both LLM agents sampling, with a scripted
+        partner in place of the untrained one when the config names one (its random choices
+        seeded by the seed, the step and the process, so resuming replays them)."""
+        cfg = self.config
+        agents: dict = self.agents(greedy=False)
+        for role, name in ((RECOMMENDER, cfg.recommender_partner), (USER, cfg.user_partner)):
+            if name != "llm":
+                if role not in self._partners:  # built once: they index the training data
+                    self._partners[role] = make_scripted(name, role, self.train_data)
+                entropy = [cfg.seed, self.step, self.accelerator.process_index]
+                self._partners[role].reset(
+                    int(np.random.SeedSequence(entropy).generate_state(1)[0])
+                )
+                agents[role] = self._partners[role]
+        return agents
 
     def agents(self, *, greedy: bool, seed_offset: int = 0, use_adapters: bool = True) -> dict:
         """Both roles' :class:`LLMAgent`, each acting with its own adapter (or the base model)."""
@@ -822,7 +873,7 @@ class CoARSTrainer:
         with self._decoding_models():
             episodes = rollout(
                 self.train_env,
-                self.agents(greedy=False),
+                self.training_agents(),
                 seed=_step_seed(cfg.seed, self.step),
                 options=options,
             )

@@ -5,9 +5,11 @@ and a user, each of which is
 
 - a scripted built-in, by name: recommenders ``"random"`` (never repeats), ``"popularity"``,
   ``"genre"`` (content: the candidate whose genres the history shares most),
-  ``"sasrec"`` (SASRec's top-1 first, then history similarity) and ``"oracle"`` (privileged:
-  recommends the target, an upper bound for sanity checks); user ``"oracle"`` (clicks the
-  target and only the target: a clean Hit@1);
+  ``"sasrec"`` (SASRec's top-1 first, then history similarity), ``"oracle"`` (privileged:
+  recommends the target, an upper bound for sanity checks) and ``"balanced"`` (privileged:
+  the target with probability 1/2 per turn, else a random other candidate; a partner that
+  shows a user agent as many hits as misses); user ``"oracle"`` (clicks the target and only
+  the target: a clean Hit@1);
 - an :class:`coars_agents.rollout.LLMAgent` (the base model, e.g. the zero-shot / AFL
   baselines, or a trained adapter: :func:`load_adapter_agent` loads a CoARS checkpoint);
 - any callable on the structured observation (``coars_env.agents`` conventions).
@@ -76,12 +78,10 @@ from tqdm.auto import tqdm
 from coars_agents.hindsight import recommender_reference, user_reference, with_reference
 from coars_agents.rollout import Agent, Episode, LLMAgent, fit_prompt, rollout
 from coars_env.agents import (
-    GenreRecommender,
-    OracleUser,
-    PopularityRecommender,
-    RandomRecommender,
-    SASRecRecommender,
-    SessionIndex,
+    SCRIPTED_RECOMMENDERS,
+    SCRIPTED_USERS,
+    TargetRecommender,
+    make_scripted,
 )
 from coars_env.data.common import DialogData, Session
 from coars_env.dialog.config import EnvConfig
@@ -131,8 +131,6 @@ __all__ = [
 AgentSpec = str | Agent
 """A built-in name, an :class:`LLMAgent` or a scripted callable."""
 
-SCRIPTED_RECOMMENDERS = ("random", "popularity", "genre", "sasrec", "oracle")
-SCRIPTED_USERS = ("oracle",)
 RANK_KS = (5, 10)
 NAN = Estimate(math.nan, math.nan, math.nan, 0)
 
@@ -164,48 +162,6 @@ METRIC_ORDER = (
 # ----------------------------------------------------------------------------------------------
 # Agents
 # ----------------------------------------------------------------------------------------------
-
-
-class TargetRecommender:
-    """Privileged: recommends the target (found by ``SessionIndex``), else the first open
-    candidate. Hit@1 = 1 against the oracle user: a sanity check and an upper bound."""
-
-    def __init__(self, data: DialogData) -> None:
-        self.index = SessionIndex(data)
-
-    def reset(self, seed: int | None = None) -> None:
-        """Start a new episode (nothing to reset: the target is read per observation)."""
-        pass
-
-    def __call__(self, obs: Mapping[str, Any]) -> int:
-        session = self.index.lookup(obs)
-        done = {int(p) for p in np.asarray(obs["recommended"]).ravel() if p >= 0}
-        candidates = [int(c) for c in np.asarray(obs["candidates"]).ravel()]
-        if session is not None and candidates.index(session.target) not in done:
-            return candidates.index(session.target)
-        return next((p for p in range(len(candidates)) if p not in done), 0)
-
-
-def make_scripted(name: str, role: str, data: DialogData, seed: int = 0) -> Agent:
-    """The built-in scripted agent ``name`` for ``role`` (see the module doc)."""
-    if role == RECOMMENDER:
-        makers: dict[str, Callable[[], Agent]] = {
-            "random": lambda: RandomRecommender(seed),
-            "popularity": lambda: PopularityRecommender(data),
-            "genre": lambda: GenreRecommender(data),
-            "sasrec": lambda: SASRecRecommender(data),
-            "oracle": lambda: TargetRecommender(data),
-        }
-    elif role == USER:
-        makers = {"oracle": lambda: OracleUser(data)}
-    else:
-        raise ValueError(f"role must be {RECOMMENDER!r} or {USER!r}, got {role!r}")
-    if name not in makers:
-        raise ValueError(
-            f"unknown scripted {role} {name!r}; built-ins: {', '.join(makers)} "
-            "(or pass an LLMAgent / a callable)"
-        )
-    return makers[name]()
 
 
 def resolve_adapter_dir(path: str | os.PathLike, role: str) -> Path:

@@ -21,7 +21,9 @@ unique), using the visible history to break ties (``SessionIndex``), unless they
 given a lookup: the single-agent wrappers pass the env's current session
 (``RecDialogEnv.session``), which is exact.
 
-``play_episode(env, recommender, user)`` plays one episode with two such policies.
+``make_scripted(name, role, data)`` builds one by name (``SCRIPTED_RECOMMENDERS``,
+``SCRIPTED_USERS``); ``play_episode(env, recommender, user)`` plays one episode with two
+such policies.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from coars_env.dialog.rewards import CLICK, DISLIKE, SKIP, STAR
 
 __all__ = [
     "CLICK",
+    "SCRIPTED_RECOMMENDERS",
+    "SCRIPTED_USERS",
     "DISLIKE",
     "GenreRecommender",
     "SCORE_INTERVALS",
@@ -49,6 +53,8 @@ __all__ = [
     "RandomRecommender",
     "SASRecRecommender",
     "SessionIndex",
+    "TargetRecommender",
+    "make_scripted",
     "play_episode",
 ]
 
@@ -224,6 +230,60 @@ class SASRecRecommender:
         return int(open_[int(np.argmax(sims))])
 
 
+class TargetRecommender:
+    """Privileged: names the target (found by ``SessionIndex``, or ``target_lookup``) with
+    probability ``target_prob`` on each turn until it was recommended, else a uniformly
+    random other open candidate.
+
+    ``target_prob = 1`` (the ``"oracle"`` recommender) is Hit@1 = 1 against the oracle user:
+    a sanity check and an upper bound. ``target_prob = 0.5`` (``"balanced"``) shows a user
+    agent hits and misses in equal numbers whatever the session: a partner to train the user
+    agent against, under which always accepting and always rejecting earn the same average
+    interaction reward (METHOD.md's ``R_user``, without the mask), so only telling hits from
+    misses pays. Once the target was recommended (or cannot be found), the first open
+    candidate. Seeded: ``reset(seed)`` reseeds the coin and the choice of non-target.
+    """
+
+    def __init__(
+        self,
+        data: DialogData,
+        target_prob: float = 1.0,
+        seed: int | None = 0,
+        target_lookup: Callable[[Observation], int] | None = None,
+    ) -> None:
+        if not 0.0 <= target_prob <= 1.0:
+            raise ValueError(f"target_prob must be in [0, 1], got {target_prob}")
+        self.index = SessionIndex(data)
+        self.target_prob = target_prob
+        self.target_lookup = target_lookup
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode (``seed`` reseeds the random choices)."""
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+
+    def _target(self, obs: Observation) -> int | None:
+        if self.target_lookup is not None:
+            return int(self.target_lookup(obs))
+        session = self.index.lookup(obs)
+        return None if session is None else session.target
+
+    def __call__(self, obs: Observation) -> int:
+        candidates = [int(c) for c in np.asarray(obs["candidates"]).ravel()]
+        done = _recommended_positions(obs)
+        target = self._target(obs)
+        if target is None or target not in candidates or candidates.index(target) in done:
+            return next((p for p in range(len(candidates)) if p not in done), 0)
+        position = candidates.index(target)
+        if self.target_prob >= 1.0:  # no draw: the deterministic oracle
+            return position
+        others = [p for p in range(len(candidates)) if p not in done and p != position]
+        if not others or self.rng.random() < self.target_prob:
+            return position
+        return int(others[int(self.rng.integers(len(others)))])
+
+
 class OracleUser:
     """A privileged scripted user: clicks the target, and only the target.
 
@@ -288,6 +348,40 @@ class OracleUser:
             action = SKIP
         score, _ = clamp_score(action, 0.5 + 0.5 * v)
         return {"action": action, "score": float(score)}
+
+
+SCRIPTED_RECOMMENDERS = ("random", "popularity", "genre", "sasrec", "oracle", "balanced")
+"""Built-in scripted recommenders by name (:func:`make_scripted`)."""
+SCRIPTED_USERS = ("oracle",)
+"""Built-in scripted users by name (:func:`make_scripted`)."""
+
+
+def make_scripted(
+    name: str, role: str, data: DialogData, seed: int = 0
+) -> Callable[[Observation], Any]:
+    """The built-in scripted agent ``name`` for ``role``: recommenders ``random``,
+    ``popularity``, ``genre``, ``sasrec``, ``oracle`` (:class:`TargetRecommender`) and
+    ``balanced`` (the target with probability 1/2); user ``oracle`` (:class:`OracleUser`).
+    ``seed`` seeds the random ones."""
+    if role == RECOMMENDER:
+        makers: dict[str, Callable[[], Callable[[Observation], Any]]] = {
+            "random": lambda: RandomRecommender(seed),
+            "popularity": lambda: PopularityRecommender(data),
+            "genre": lambda: GenreRecommender(data),
+            "sasrec": lambda: SASRecRecommender(data),
+            "oracle": lambda: TargetRecommender(data),
+            "balanced": lambda: TargetRecommender(data, target_prob=0.5, seed=seed),
+        }
+    elif role == USER:
+        makers = {"oracle": lambda: OracleUser(data)}
+    else:
+        raise ValueError(f"role must be {RECOMMENDER!r} or {USER!r}, got {role!r}")
+    if name not in makers:
+        raise ValueError(
+            f"unknown scripted {role} {name!r}; built-ins: {', '.join(makers)} "
+            "(or pass an LLMAgent / a callable)"
+        )
+    return makers[name]()
 
 
 def play_episode(

@@ -250,6 +250,8 @@ def main(args: Args) -> pd.DataFrame:
         raise ValueError(f"threads_per_job must be >= 0 (0: automatic), got {args.threads_per_job}")
     threads = args.threads_per_job or max(1, (os.cpu_count() or 1) // args.workers)
     references = reference_names(args.references)
+    for job in jobs:  # a bad combination (e.g. a scripted partner) fails before any job runs
+        job_config(args, *job)
     start, results, failed = time.monotonic(), [], []
 
     def finished(job: tuple, outcome: Callable[[], dict | None]) -> None:

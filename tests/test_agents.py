@@ -17,6 +17,8 @@ from coars_env.agents import (
     RandomRecommender,
     SASRecRecommender,
     SessionIndex,
+    TargetRecommender,
+    make_scripted,
     play_episode,
 )
 from coars_env.dialog.env import RecDialogEnv
@@ -196,3 +198,37 @@ def test_genre_recommender_picks_the_history_genre_and_never_repeats():
     assert agent(obs) == 2  # the first of the tied Action candidates
     assert agent({**obs, "recommended": [2, -1]}) == 3
     assert agent({**obs, "recommended": [2, 3]}) == 1  # then Comedy over Drama
+
+
+def test_target_recommender_names_the_target_with_its_probability():
+    data = tiny_dialog_data()
+    env = RecDialogEnv(data, render_prompts=False)
+    user = OracleUser(data)
+    for session in data.sessions:  # target_prob 1 (the "oracle"): a hit at turn 1, always
+        records = play_episode(
+            env, TargetRecommender(data), user, seed=0, options={"session_id": session.session_id}
+        )
+        assert [r["hit"] for r in records] == [True]
+
+    def episodes(seed: int) -> list[list[dict]]:
+        agent = make_scripted("balanced", "recommender", data, seed=seed)
+        return [play_episode(env, agent, user, seed=i) for i in range(400)]
+
+    def picks(played: list[list[dict]]) -> list[list[int]]:
+        return [[r["rec_position"] for r in records] for records in played]
+
+    played = episodes(3)
+    # A fair coin per turn: turn-1 Hit@1 0.5 (binomial sd over 400 episodes: 0.025).
+    assert abs(np.mean([r[0]["hit"] for r in played]) - 0.5) < 0.075
+    for records in played:
+        positions = [r["rec_position"] for r in records]
+        assert len(set(positions)) == len(positions)  # misses are other, new candidates
+        assert not any(r["hit"] for r in records[:-1])  # the oracle clicks the first hit
+    # Hit by turn T = 1 - 0.5**T (the coin is tossed each turn until the target is named).
+    assert abs(np.mean([r[-1]["hit"] for r in played]) - (1 - 0.5**T)) < 0.03
+    assert picks(played) == picks(episodes(3))  # seeded
+    assert picks(played) != picks(episodes(4))
+    with pytest.raises(ValueError, match="target_prob must be in"):
+        TargetRecommender(data, target_prob=1.5)
+    with pytest.raises(ValueError, match="unknown scripted user 'balanced'"):
+        make_scripted("balanced", "user", data)

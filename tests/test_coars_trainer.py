@@ -230,6 +230,62 @@ def test_training_one_agent_leaves_the_other_adapter_untouched(tmp_path):
     assert set(trainer.optimizers) == {RECOMMENDER}
 
 
+def partner_rollout(trainer: CoARSTrainer) -> list:
+    from coars_agents.rollout import rollout
+
+    group = trainer.config.rollouts_per_session
+    options = [
+        {"session_id": s} for s in trainer.sample_sessions(trainer.step) for _ in range(group)
+    ]
+    return rollout(trainer.train_env, trainer.training_agents(), seed=5, options=options)
+
+
+def test_a_balanced_scripted_recommender_partner_trains_the_user_alone(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        total_steps=2,
+        train_agents="user",
+        recommender_partner="balanced",
+        rollouts_per_session=2,
+        sessions_per_step=5,
+        max_turns=1,
+        exclude_miss_positive="none",
+    )
+    episodes = partner_rollout(trainer)
+    # The scripted partner generates nothing; the user LLM judges every recommendation.
+    assert all(ep.recommender == [] and len(ep.user_agent) == 1 for ep in episodes)
+    assert not any(t["rec_format_failure"] for ep in episodes for t in ep.turns)
+    picks = [ep.turns[0]["rec_position"] for ep in episodes]
+    assert 0 < sum(ep.hit for ep in episodes) < len(episodes)  # hits and misses
+    assert picks == [ep.turns[0]["rec_position"] for ep in partner_rollout(trainer)]  # seeded
+    trainer.step = 1  # another step, other coins
+    assert picks != [ep.turns[0]["rec_position"] for ep in partner_rollout(trainer)]
+    trainer.step = 0
+    samples = trainer.build_samples(episodes)
+    assert {s.agent for s in samples} == {USER} and len(samples) == len(episodes)
+    before = snapshot(trainer)
+    history = trainer.train()
+    moved = changed(before, trainer)
+    assert any(".user." in n for n in moved)
+    assert not any(".recommender." in n for n in moved)
+    assert [h["user/trained_turns"] for h in history if "user/trained_turns" in h] == [10, 10]
+
+
+def test_the_oracle_user_partner_answers_while_the_recommender_trains(tmp_path):
+    trainer = make_trainer(
+        tmp_path, total_steps=1, train_agents="recommender", user_partner="oracle", max_turns=3
+    )
+    episodes = partner_rollout(trainer)
+    assert all(ep.user_agent == [] and ep.recommender for ep in episodes)
+    for ep in episodes:  # the oracle user clicks the target and only the target
+        assert all((t["action"] == 0) == t["hit"] for t in ep.turns if not t["rec_format_failure"])
+    before = snapshot(trainer)
+    trainer.train()
+    moved = changed(before, trainer)
+    assert any(".recommender." in n for n in moved)
+    assert not any(".user." in n for n in moved)
+
+
 def test_samples_carry_env_rewards_masks_and_exclude_forced_tokens(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=1)
     sessions = trainer.sample_sessions(0)
@@ -487,6 +543,13 @@ def test_bad_configs_are_rejected():
             CoARSConfig(**bad)
     with pytest.raises(ValueError, match="num_candidates must be >= 2, got 1"):
         CoARSConfig(num_candidates=1)
+    with pytest.raises(ValueError, match="only the user agent may learn: set train_agents='user'"):
+        CoARSConfig(recommender_partner="balanced")
+    with pytest.raises(ValueError, match="the user agent cannot learn"):
+        CoARSConfig(user_partner="oracle", train_agents="user")
+    # Valid: the outcome baseline never trains the user; no training plays no rollouts.
+    CoARSConfig(user_partner="oracle", reward_mode="outcome")
+    CoARSConfig(recommender_partner="balanced", total_steps=0)
 
 
 def test_candidate_numbers_reaches_the_training_and_evaluation_prompts(tmp_path):

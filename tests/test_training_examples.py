@@ -210,6 +210,12 @@ def test_compare_training_checks_references_before_any_job(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="1 of 1 jobs failed"):
         example.main(example.Args(**{**vars(args), "references": ("none",)}))
     assert started == [("coars", 0)]
+    # A method the shared settings do not fit fails before any job too.
+    partner = dataclasses.replace(args.train, train_agents="user", recommender_partner="balanced")
+    methods = ("coars-user-only", "coars-rec-only")  # the second trains the recommender
+    with pytest.raises(ValueError, match="only the user agent may learn"):
+        example.main(example.Args(**{**vars(args), "methods": methods, "train": partner}))
+    assert started == [("coars", 0)]
 
 
 def test_compare_training_methods_are_the_baselines_and_method_md_ablations(tmp_path):
