@@ -714,13 +714,15 @@ CURVE_METRICS = (
 def read_training_logs(runs: Mapping[str, Sequence[str | os.PathLike]]) -> pd.DataFrame:
     """The ``metrics.jsonl`` of CoARS runs as one long frame with ``label`` and ``run`` columns.
 
-    ``runs`` maps a label (e.g. a method) to its run folders (e.g. one per seed). A line torn
-    by a killed run is skipped; a folder without ``metrics.jsonl`` raises FileNotFoundError.
+    ``runs`` maps a label (e.g. a method) to its run folders (e.g. one per seed) or to the
+    ``.jsonl`` logs themselves (e.g. copies kept with a report). A line torn by a killed run
+    is skipped; a folder without ``metrics.jsonl`` raises FileNotFoundError.
     """
     frames = []
     for label, folders in runs.items():
         for folder in folders:
-            path = Path(folder) / "metrics.jsonl"
+            path = Path(folder)
+            path = path if path.suffix == ".jsonl" else path / "metrics.jsonl"
             if not path.is_file():
                 raise FileNotFoundError(f"no training log {path} (is {folder} a CoARS run?)")
             rows = []

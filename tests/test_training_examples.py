@@ -263,6 +263,9 @@ def test_learning_curves_read_logs_skip_torn_lines_and_plot(tmp_path):
         runs.setdefault("coars", []).append(folder)
     logs = read_training_logs(runs)
     assert len(logs) == 6 and set(logs["label"]) == {"coars"}
+    # A log file itself (as kept beside a report) reads the same as its run folder.
+    kept = read_training_logs({"coars": [tmp_path / "seed1" / "metrics.jsonl"]})
+    assert kept["rollout/hit@1"].tolist() == pytest.approx([0.3, 0.4, 0.5])
     png = plot_learning_curves(runs, tmp_path / "curves.png")
     assert png.stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="no training log"):
