@@ -271,6 +271,21 @@ def test_a_balanced_scripted_recommender_partner_trains_the_user_alone(tmp_path)
     assert [h["user/trained_turns"] for h in history if "user/trained_turns" in h] == [10, 10]
 
 
+def test_partner_choices_are_exactly_the_scripted_built_ins():
+    # The config's Literal choices (tyro's --help) restate coars_env.agents' names: keep them equal.
+    from typing import get_args, get_type_hints
+
+    from coars_env.agents import SCRIPTED_RECOMMENDERS, SCRIPTED_USERS, make_scripted
+
+    hints = get_type_hints(CoARSConfig)
+    choices = {k: get_args(hints[k]) for k in ("recommender_partner", "user_partner")}
+    assert choices["recommender_partner"] == ("llm", *SCRIPTED_RECOMMENDERS)
+    assert choices["user_partner"] == ("llm", *SCRIPTED_USERS)
+    data = tiny_dialog_data(split="train")
+    for role, names in ((RECOMMENDER, SCRIPTED_RECOMMENDERS), (USER, SCRIPTED_USERS)):
+        assert all(callable(make_scripted(name, role, data)) for name in names)
+
+
 def test_the_oracle_user_partner_answers_while_the_recommender_trains(tmp_path):
     trainer = make_trainer(
         tmp_path, total_steps=1, train_agents="recommender", user_partner="oracle", max_turns=3
