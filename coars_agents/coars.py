@@ -1204,8 +1204,11 @@ class CoARSTrainer:
             self._log({"step": 0.0, **self.rank_turn1()})  # where the learning curve starts
         while self.step < cfg.total_steps:
             metrics = self.train_step()
+            out_of_time = self._out_of_time(started)
             full_eval = cfg.eval_every and self.step % cfg.eval_every == 0
-            if cfg.rank_every and self.step % cfg.rank_every == 0 and not full_eval:
+            # The curve also ends where a time limit ends the training.
+            rank = cfg.rank_every and (self.step % cfg.rank_every == 0 or out_of_time)
+            if rank and not full_eval:
                 metrics.update(self.rank_turn1())  # (a full evaluation includes it)
             if full_eval:
                 metrics.update(self.evaluate())
@@ -1214,7 +1217,6 @@ class CoARSTrainer:
                     self.best_hit = hit
                     self.save_checkpoint("best")
             self._log(metrics)
-            out_of_time = self._out_of_time(started)
             if out_of_time or self.step % cfg.checkpoint_every == 0 or self.step == cfg.total_steps:
                 self.save_checkpoint()
             bar.update(1)

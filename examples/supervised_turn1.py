@@ -187,7 +187,9 @@ def train_supervised(
 ) -> list[dict[str, float]]:
     """``steps`` supervised steps of ``agent``'s adapter (one process), its held-out curve
     (:func:`rank`) from step 0 on, logged to ``metrics.jsonl`` in the ``output_dir``; with
-    ``train_pool``, on that many training sessions only (see ``Args.train_pool``)."""
+    ``train_pool``, on that many training sessions only (see ``Args.train_pool``). With the
+    config's ``time_limit_minutes``, it stops after the step that passes the limit and ranks
+    there, so the curve ends where the training did."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     pool = training_pool(trainer, train_pool) if train_pool else None
@@ -214,6 +216,7 @@ def train_supervised(
 
     log({"step": 0.0, **rank(trainer, agent, pool)})
     venvs: dict[int, VectorRecDialogEnv] = {}
+    started = time.monotonic()
     for step in range(1, steps + 1):
         start = time.perf_counter()
         sessions = (
@@ -245,9 +248,14 @@ def train_supervised(
             trainer.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         row = {"step": float(step), "loss": total, "seconds": time.perf_counter() - start}
-        if cfg.rank_every and (step % cfg.rank_every == 0 or step == steps):
+        limit = cfg.time_limit_minutes
+        out_of_time = bool(limit) and time.monotonic() - started > 60 * limit
+        if cfg.rank_every and (step % cfg.rank_every == 0 or step == steps or out_of_time):
             row.update(rank(trainer, agent, pool))
         log(row)
+        if out_of_time:
+            print(f"time limit of {limit} minutes reached after step {step} of {steps}")
+            break
     return history
 
 
@@ -260,7 +268,7 @@ def main(args: Args) -> list[dict[str, float]]:
         print(
             "held-out user P(accept | hit) - P(accept | miss): "
             f"{first['eval/user_accept_gap']:.3f} -> {last['eval/user_accept_gap']:.3f} "
-            f"(SE {last['eval/user_accept_gap_se']:.3f}) after {args.steps} supervised steps "
+            f"(SE {last['eval/user_accept_gap_se']:.3f}) after {last['step']:.0f} supervised steps "
             f"(0: no discrimination); log: {log}"
         )
     if "fit/turn1_target_prob" in last:
@@ -272,7 +280,7 @@ def main(args: Args) -> list[dict[str, float]]:
         chance = 1 / len(trainer.eval_data.sessions[0].candidates)
         print(
             f"held-out turn-1 P(target): {first['eval/turn1_target_prob']:.3f} -> "
-            f"{last['eval/turn1_target_prob']:.3f} after {args.steps} supervised steps "
+            f"{last['eval/turn1_target_prob']:.3f} after {last['step']:.0f} supervised steps "
             f"(paired gain {last['eval/turn1_target_prob_gain']:+.3f}, "
             f"SE {last['eval/turn1_target_prob_gain_se']:.3f}; chance {chance:.3f}); log: {log}"
         )

@@ -916,9 +916,12 @@ def test_evaluate_reports_hit_rates_and_user_alignment_deterministically(tmp_pat
 
 
 def test_time_limit_stops_after_one_step_with_a_checkpoint_and_resumes(tmp_path):
-    trainer = make_trainer(tmp_path, total_steps=3, time_limit_minutes=1e-9, checkpoint_every=100)
+    trainer = make_trainer(
+        tmp_path, total_steps=3, time_limit_minutes=1e-9, checkpoint_every=100, rank_every=5
+    )
     history = trainer.train()
-    assert [m["step"] for m in history] == [1.0]
+    assert [m["step"] for m in history] == [0.0, 1.0]  # the step-0 ranking, then step 1
+    assert "eval/turn1_target_prob" in history[1]  # ranked where the limit stopped it
     assert [p.name for p in trainer.checkpoint_dirs()] == ["step_000001"]
     resumed = make_trainer(tmp_path, total_steps=3, checkpoint_every=100)
     assert [m["step"] for m in resumed.train()] == [2.0, 3.0]

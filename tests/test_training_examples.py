@@ -414,6 +414,21 @@ def test_supervised_turn1_fits_the_targets_of_its_training_sessions(tmp_path, ti
         example.train_supervised(trainer, 0)
 
 
+def test_supervised_turn1_stops_at_its_time_limit_and_ranks_there(tmp_path, tiny_train):
+    """``--time-limit-minutes`` bounds the probe as it bounds the trainer (it was ignored):
+    a limit every step passes stops it after step 1, which is ranked though off the grid."""
+    from coars_agents.coars import CoARSTrainer
+
+    example = load_example("supervised_turn1")
+    settings = {**tiny_train, "sessions_per_step": 2, "rank_every": 5}
+    config = CoARSConfig(output_dir=str(tmp_path / "sft"), time_limit_minutes=1e-9, **settings)
+    history = example.train_supervised(CoARSTrainer(config), 10)
+    assert [row["step"] for row in history] == [0, 1]
+    assert "eval/turn1_target_prob" in history[1]
+    logged = pd.read_json(tmp_path / "sft" / "metrics.jsonl", lines=True)
+    assert list(logged["step"]) == [0, 1]
+
+
 def test_supervised_user_learns_its_labels_and_logs_the_judgement_curve(tmp_path, tiny_train):
     from coars_agents.coars import CoARSTrainer
     from coars_env.dialog.config import EnvConfig
