@@ -357,6 +357,11 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if self.reason_tokens < 1:
+            # Caught here, not at the first rollout deep in template compilation.
+            raise ValueError(
+                f"reason_tokens must be >= 1 (the rationale's budget), got {self.reason_tokens}"
+            )
         if self.diagnosis_tokens < 1:
             raise ValueError(f"diagnosis_tokens must be >= 1, got {self.diagnosis_tokens}")
         if self.num_candidates < 2:

@@ -195,8 +195,8 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
             "dataset": env_id,
             "method": method,
             "seeds": len(group),
-            "steps": int(group["steps"].max()),
-            "sessions": int(group["eval/sessions"].max()),
+            "steps": int(group["steps"].max()),  # the most any seed took (time limits differ)
+            "eval sessions": int(group["eval/sessions"].max()),
             "train min": float(group["train_seconds"].mean() / 60),
         }
         for key, name in TABLE_METRICS:
@@ -211,10 +211,16 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table: ``mean [low, high]`` per metric."""
     names = [name for _, name in TABLE_METRICS]
-    head = ["dataset", "method", "seeds", "steps", "sessions", "train min", *names]
+    head = ["dataset", "method", "seeds", "steps", "eval sessions", "train min", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
-        cells = [r["dataset"], r["method"], str(r["seeds"]), str(r["steps"]), str(r["sessions"])]
+        cells = [
+            r["dataset"],
+            r["method"],
+            str(r["seeds"]),
+            str(r["steps"]),
+            str(r["eval sessions"]),
+        ]
         cells.append(f"{r['train min']:.1f}")
         for name in names:
             mean, low, high = r[name], r[f"{name} low"], r[f"{name} high"]

@@ -558,6 +558,8 @@ def test_bad_configs_are_rejected():
             CoARSConfig(**bad)
     with pytest.raises(ValueError, match="num_candidates must be >= 2, got 1"):
         CoARSConfig(num_candidates=1)
+    with pytest.raises(ValueError, match="reason_tokens must be >= 1"):
+        CoARSConfig(reason_tokens=0)
     with pytest.raises(ValueError, match="only the user agent may learn: set train_agents='user'"):
         CoARSConfig(recommender_partner="balanced")
     with pytest.raises(ValueError, match="the user agent cannot learn"):

@@ -107,6 +107,7 @@ def test_compare_training_tabulates_seeds_resumes_and_plots(tmp_path, tiny_train
     coars = summary[summary["method"] == "coars"].iloc[0]
     hits = frame[frame["method"] == "coars"]["eval/oracle/hit@1"]
     assert coars["seeds"] == 2 and math.isclose(coars["Hit@1"], hits.mean())
+    assert coars["eval sessions"] == 3  # the evaluation's sessions, not the training's
     assert (
         "| RecDialog-synthetic | coars | 2 | 1 | 3 |"
         in (tmp_path / "cmp" / "summary.md").read_text()
