@@ -172,6 +172,15 @@ class CoARSConfig:
     with a privileged teacher). The reward term is unchanged and A is still logged; the
     per-token KL is logged as ``<agent>/mean_distill_kl``. Costs a vocabulary-sized
     log-softmax per generated token in scoring."""
+    credit_tokens: Literal["all", "first_choice"] = "all"
+    """Which generated tokens carry the credit term. ``all`` (METHOD.md): every trained
+    token. ``first_choice`` (ours, an ablation): only the agent's first decision, the first
+    run of chosen tokens of its constrained answer (the recommender's candidate number, the
+    user's action), with the term normalised by that run's length; the reward term still
+    covers every trained token. Why: with 4-token rationales the recommender's answer held a
+    third of the KL at weight 1/4.8 in the turn's mean, and the rest sat on rationale tokens
+    where the teacher wants the target's title named, which the student cannot learn from x
+    (docs/results/synthetic_h200_rec_oracle.md). Needs constrained decoding."""
     teacher: Literal["shared", "base"] = "shared"
     """Whose distribution the teacher context ``x + d`` is scored with. ``shared``
     (METHOD.md): the agent's own adapter, so the teacher learns with the student. ``base``
@@ -357,6 +366,11 @@ class CoARSConfig:
             )
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if self.credit_tokens != "all" and not self.constrained:
+            raise ValueError(
+                f"credit_tokens={self.credit_tokens!r} finds the decision through constrained "
+                "decoding's forced tokens: set constrained=True or credit_tokens='all'"
+            )
         if self.reason_tokens < 1:
             # Caught here, not at the first rollout deep in template compilation.
             raise ValueError(
@@ -421,6 +435,7 @@ class TurnSample:
     loss_mask: torch.Tensor  # bool per completion token
     reward: float
     turn_mask: float
+    credit_mask: torch.Tensor | None = None  # bool per token: the credit's (None: loss_mask)
 
 
 def load_policy(config: CoARSConfig, device: torch.device, model: str | None = None) -> LLMPolicy:
@@ -703,6 +718,9 @@ class CoARSTrainer:
             loss_mask=loss_mask,
             reward=float(reward),
             turn_mask=float(mask),
+            credit_mask=first_choice_mask(turn.forced) & loss_mask
+            if self.config.credit_tokens == "first_choice"
+            else None,
         )
 
     def train_agent(self, agent: str, samples: list[TurnSample]) -> dict[str, float]:
@@ -714,7 +732,7 @@ class CoARSTrainer:
             "abs_credit": 0.0,
             "pos_credit": 0.0,
             "distill_kl": 0.0,
-            "tokens": 0.0,
+            "credit_tokens": 0.0,
             "nonfinite_chunks": 0.0,
             "nonfinite_student_tokens": 0.0,
             "nonfinite_teacher_tokens": 0.0,
@@ -760,13 +778,16 @@ class CoARSTrainer:
                     [x.to(acc.device).float() for x in xs], batch_first=True
                 )
                 token_mask = pad([s.loss_mask for s in chunk])
+                credit_mask = pad(
+                    [s.loss_mask if s.credit_mask is None else s.credit_mask for s in chunk]
+                )
                 rewards = torch.tensor([s.reward for s in chunk], device=acc.device)
                 turn_mask = torch.tensor([s.turn_mask for s in chunk], device=acc.device)
                 divergence = None
                 if dense:
                     student_dist, teacher_dist = pad(student), pad(teacher)
                     divergence = distillation_divergence(
-                        teacher_dist, student_dist, token_mask, cfg.credit_form
+                        teacher_dist, student_dist, credit_mask, cfg.credit_form
                     )
                     ids = pad([torch.tensor(c, dtype=torch.long) for c in completions]).long()
                     student_lp = student_dist.gather(-1, ids[..., None])[..., 0]
@@ -774,10 +795,16 @@ class CoARSTrainer:
                 else:
                     student_lp = pad(student)
                     teacher_lp = pad(teacher) if teacher is not None else student_lp.detach()
-                advantages = credit_advantages(teacher_lp, student_lp, token_mask)
+                advantages = credit_advantages(teacher_lp, student_lp, credit_mask)
                 # With the dense credit, A is only logged: the KL term carries lambda.
                 coef = 0.0 if dense else self.credit_coef(agent)
-                weights = token_weights(rewards, advantages, token_mask, coef)
+                weights = token_weights(
+                    rewards,
+                    advantages,
+                    token_mask,
+                    coef,
+                    credit_mask if cfg.credit_tokens != "all" else None,
+                )
                 loss = regularised_policy_loss(
                     student_lp,
                     weights,
@@ -792,7 +819,7 @@ class CoARSTrainer:
                 )
                 if divergence is not None:
                     loss = loss + distillation_loss(
-                        divergence, token_mask, turn_mask, self.credit_coef(agent)
+                        divergence, credit_mask, turn_mask, self.credit_coef(agent)
                     )
                 t_score += t1 - t0
                 if not torch.isfinite(loss):
@@ -806,13 +833,12 @@ class CoARSTrainer:
                 # Chunks are parts of one batch: scale so the step sees the batch mean.
                 acc.backward(loss * len(chunk) / len(samples))
                 t_backward += time.perf_counter() - t1
-                n_tokens = float(token_mask.sum())
                 stats["loss"] += float(loss.detach()) * len(chunk) / len(samples) / cfg.ppo_epochs
                 stats["abs_credit"] += float(advantages.abs().sum())
-                stats["pos_credit"] += float(((advantages > 0) & (token_mask > 0)).sum())
+                stats["pos_credit"] += float(((advantages > 0) & (credit_mask > 0)).sum())
                 if divergence is not None:
                     stats["distill_kl"] += float(divergence.detach().sum())
-                stats["tokens"] += n_tokens
+                stats["credit_tokens"] += float(credit_mask.sum())
             params = self.policy.trainable_parameters(agent)
             self._all_reduce_gradients(params)
             if any(p.grad is not None for p in params):
@@ -826,14 +852,15 @@ class CoARSTrainer:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        tokens = max(1.0, stats.pop("tokens"))
+        # Per credit-carrying token: every trained token unless credit_tokens="first_choice".
+        credit_tokens = max(1.0, stats.pop("credit_tokens"))
         trained = [s for s in samples if s.turn_mask > 0]
         return {
             f"{agent}/loss": stats["loss"],
             f"{agent}/mean_reward": float(np.mean([s.reward for s in trained])) if trained else 0.0,
-            f"{agent}/mean_abs_credit": stats["abs_credit"] / tokens,
-            f"{agent}/frac_positive_credit": stats["pos_credit"] / tokens,
-            f"{agent}/mean_distill_kl": stats["distill_kl"] / tokens,
+            f"{agent}/mean_abs_credit": stats["abs_credit"] / credit_tokens,
+            f"{agent}/frac_positive_credit": stats["pos_credit"] / credit_tokens,
+            f"{agent}/mean_distill_kl": stats["distill_kl"] / credit_tokens,
             f"{agent}/trained_turns": float(len(trained)),
             f"{agent}/masked_turns": float(len(samples) - len(trained)),
             f"{agent}/nonfinite_chunks": stats["nonfinite_chunks"],
@@ -869,19 +896,27 @@ class CoARSTrainer:
                 p.grad = torch.zeros_like(p)
             p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
+    def rollout_batch(self, step: int) -> list[Episode]:
+        """The training rollouts of ``step`` (0-based): its sessions, each
+        ``rollouts_per_session`` times, seeded by (seed, step); the same episodes every time
+        for the same adapters, which is what lets a resumed run replay them."""
+        sessions = self.sample_sessions(step)
+        options = [
+            {"session_id": s} for s in sessions for _ in range(self.config.rollouts_per_session)
+        ]
+        with self._decoding_models():
+            return rollout(
+                self.train_env,
+                self.training_agents(),
+                seed=_step_seed(self.config.seed, step),
+                options=options,
+            )
+
     def train_step(self) -> dict[str, float]:
         """One rollout batch and one optimizer step per trained agent."""
         cfg = self.config
-        sessions = self.sample_sessions(self.step)
-        options = [{"session_id": s} for s in sessions for _ in range(cfg.rollouts_per_session)]
         t0 = time.perf_counter()
-        with self._decoding_models():
-            episodes = rollout(
-                self.train_env,
-                self.training_agents(),
-                seed=_step_seed(cfg.seed, self.step),
-                options=options,
-            )
+        episodes = self.rollout_batch(self.step)
         t_generate = time.perf_counter() - t0
         metrics: dict[str, float] = {"step": float(self.step + 1), "time/generation_s": t_generate}
         metrics.update(self.write_diagnoses(episodes))
@@ -1306,6 +1341,21 @@ _LLM_EVAL_METRICS = (
     "user_recall",
     "user_f1",
 )
+
+
+def first_choice_mask(forced: torch.Tensor) -> torch.Tensor:
+    """True on the first run of chosen (not forced) tokens of a constrained answer: the
+    agent's first decision ("Item: " then the number's tokens; "Action: " then the action's),
+    before the next forced literal. All False when nothing was chosen."""
+    chosen = ~forced.bool()
+    mask = torch.zeros_like(chosen)
+    started = False
+    for i, free in enumerate(chosen.tolist()):
+        if free:
+            mask[i], started = True, True
+        elif started:
+            break
+    return mask
 
 
 def _count_nonfinite(logprobs: torch.Tensor, token_mask: torch.Tensor) -> float:

@@ -135,12 +135,29 @@ def group_normalise(
 
 
 def token_weights(
-    rewards: torch.Tensor, advantages: torch.Tensor, token_mask: torch.Tensor, credit_coef: float
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    token_mask: torch.Tensor,
+    credit_coef: float,
+    credit_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(R_t + lambda * A_tn) / |y_t|`` per token (zero off the mask): the paper's weight."""
+    """``(R_t + lambda * A_tn) / |y_t|`` per token (zero off the mask): the paper's weight.
+
+    ``credit_mask`` (ours, ``CoARSConfig.credit_tokens``): the credit term only on those
+    tokens, normalised by their number: ``R_t / |y_t| + lambda * A_tn / |c_t|``. The
+    paper's weight when it equals ``token_mask`` (the default)."""
     token_mask = token_mask.to(advantages.dtype)
     lengths = token_mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-    return (rewards.to(advantages.dtype)[:, None] + credit_coef * advantages) * token_mask / lengths
+    if credit_mask is None:
+        return (
+            (rewards.to(advantages.dtype)[:, None] + credit_coef * advantages)
+            * token_mask
+            / lengths
+        )
+    credit_mask = credit_mask.to(advantages.dtype)
+    credit_lengths = credit_mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    reward_part = rewards.to(advantages.dtype)[:, None] * token_mask / lengths
+    return reward_part + credit_coef * advantages * credit_mask / credit_lengths
 
 
 def regularised_policy_loss(

@@ -560,6 +560,8 @@ def test_bad_configs_are_rejected():
         CoARSConfig(num_candidates=1)
     with pytest.raises(ValueError, match="reason_tokens must be >= 1"):
         CoARSConfig(reason_tokens=0)
+    with pytest.raises(ValueError, match="set constrained=True or credit_tokens='all'"):
+        CoARSConfig(credit_tokens="first_choice", constrained=False)
     with pytest.raises(ValueError, match="only the user agent may learn: set train_agents='user'"):
         CoARSConfig(recommender_partner="balanced")
     with pytest.raises(ValueError, match="the user agent cannot learn"):
@@ -956,3 +958,17 @@ def test_exclude_recommended_reaches_the_recommender_only(tmp_path):
     trainer = make_trainer(tmp_path, exclude_recommended=True)
     agents = trainer.agents(greedy=True)
     assert agents[RECOMMENDER].exclude_recommended and not agents[USER].exclude_recommended
+
+
+def test_first_choice_mask_is_the_first_run_of_chosen_tokens():
+    from coars_agents.coars import first_choice_mask
+
+    def mask(forced):
+        return first_choice_mask(torch.tensor(forced, dtype=torch.bool)).tolist()
+
+    # "Item: " (forced), "3" (chosen), "\nReason: " (forced), a free rationale (chosen).
+    assert mask([1, 1, 0, 1, 1, 0, 0, 0]) == [0, 0, 1, 0, 0, 0, 0, 0]
+    # A two-token number ("1", "2" of "12"), then forced text.
+    assert mask([1, 0, 0, 1, 0]) == [0, 1, 1, 0, 0]
+    assert mask([1, 1, 1]) == [0, 0, 0]  # nothing chosen
+    assert mask([0, 0]) == [1, 1]

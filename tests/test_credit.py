@@ -164,3 +164,24 @@ def test_forward_kl_ignores_tokens_the_teacher_rules_out():
     assert kl.item() == pytest.approx(math.log(2.0))
     kl.sum().backward()
     assert logits.grad[0, 0].tolist() == pytest.approx([0.5 - 1.0, 0.5])
+
+
+def test_token_weights_with_a_credit_mask_put_the_credit_on_those_tokens_only():
+    from coars_agents.credit import token_weights
+
+    rewards = torch.tensor([1.0, -0.5])
+    advantages = torch.tensor([[0.8, -0.4, 0.2, 0.0], [-1.0, 0.6, 0.0, 0.0]])
+    token_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    credit_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]])
+    weights = token_weights(rewards, advantages, token_mask, 0.5, credit_mask)
+    # Turn 1: R / 3 on its 3 tokens, plus 0.5 * A / 1 on the credit token only.
+    expected = torch.tensor(
+        [
+            [1 / 3 + 0.5 * 0.8, 1 / 3, 1 / 3, 0.0],
+            [-0.25 + 0.5 * -1.0 / 2, -0.25 + 0.5 * 0.6 / 2, 0.0, 0.0],
+        ]
+    )
+    assert torch.allclose(weights, expected)
+    # With the credit on every trained token it is the paper's weight.
+    paper = token_weights(rewards, advantages, token_mask, 0.5)
+    assert torch.allclose(token_weights(rewards, advantages, token_mask, 0.5, token_mask), paper)

@@ -524,3 +524,91 @@ def test_user_reward_push_follows_the_masked_reward(tmp_path, tiny_train):
     assert (none_misses["reward_accept"] < 0).all()
     assert np.allclose(none_misses["reward_reject"], misses["reward_reject"])
     assert (none_misses["push"] < misses["push"]).all()
+
+
+# ------------------------------------------------------------------------------ credit profile
+def profiled_trainer(tmp_path: Path, tiny_train: dict[str, Any], **overrides: Any):
+    """A recommender-only trainer with the dense credit and the frozen teacher: 3 sessions x
+    2 rollouts a step."""
+    from coars_agents.coars import CoARSTrainer
+
+    settings = {**tiny_train, "sessions_per_step": 3, "rollouts_per_session": 2, **overrides}
+    return CoARSTrainer(
+        CoARSConfig(
+            output_dir=str(tmp_path / "prof"),
+            train_agents="recommender",
+            credit_form="forward_kl",
+            teacher="base",
+            **settings,
+        )
+    )
+
+
+def test_credit_profile_sees_exactly_what_the_trainers_step_sees(tmp_path, tiny_train):
+    """The profile rolls out and scores the batch the trainer's step would: its per-token KL
+    and |A| average to the step's logged ``mean_distill_kl`` and ``mean_abs_credit``."""
+    example = load_example("credit_profile")
+    trainer = profiled_trainer(tmp_path, tiny_train, micro_batch_size=4)
+    profile = example.credit_profile(trainer, RECOMMENDER, step=0)
+    metrics = trainer.train_step()  # step 0's batch, the adapters the profile scored
+    assert profile["kl"].mean() == pytest.approx(metrics["recommender/mean_distill_kl"], rel=1e-4)
+    assert profile["credit"].abs().mean() == pytest.approx(
+        metrics["recommender/mean_abs_credit"], rel=1e-4
+    )
+    turns = metrics["recommender/trained_turns"] + metrics["recommender/masked_turns"]
+    assert profile["turn_id"].nunique() == turns == 6  # 3 sessions x 2 rollouts, T = 1
+    assert (profile.groupby("turn_id")["is_answer"].sum() == 1).all()
+    assert (profile["kl"] > -1e-6).all()
+    assert profile["credit"].between(-1.0, 1.0).all()
+    answers = profile[profile["is_answer"]]
+    assert answers[["teacher_p_target", "student_p_target"]].stack().between(0, 1).all()
+    assert profile.loc[~profile["is_answer"], "teacher_p_target"].isna().all()
+    summary = example.summarise(profile)
+    assert summary["turns"] == 6
+    assert summary["tokens_per_turn"] == len(profile) / 6
+    assert summary["answer_share_of_kl"] == pytest.approx(answers["kl"].sum() / profile["kl"].sum())
+    with pytest.raises(ValueError, match="is not trained by this config"):
+        example.credit_profile(trainer, USER)
+
+
+def test_credit_profile_cli_profiles_a_checkpoint_and_writes_the_per_token_csv(
+    tmp_path, tiny_train
+):
+    """From a checkpoint it profiles the trained adapters on the run's next batch: the shared
+    teacher (the adapter itself) then differs from the fresh profile's."""
+    from coars_agents.coars import CoARSTrainer
+
+    example = load_example("credit_profile")
+    config = CoARSConfig(
+        output_dir=str(tmp_path / "run"),
+        train_agents="recommender",
+        total_steps=2,
+        checkpoint_every=2,
+        learning_rate=5e-2,
+        **tiny_train,
+    )
+    CoARSTrainer(config).train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    profiled = dataclasses.replace(config, output_dir=str(tmp_path / "prof"))
+    trained = example.main(example.Args(train=profiled, checkpoint=str(checkpoint), step=0))
+    written = pd.read_csv(tmp_path / "prof" / "credit_profile.csv")
+    assert len(written) == trained["turns"] * trained["tokens_per_turn"]
+    assert {"token", "kl", "credit", "teacher_p_target"} <= set(written.columns)
+    fresh = example.main(example.Args(train=profiled, step=0))
+    assert trained["student_p_target"] != fresh["student_p_target"]
+
+
+def test_first_choice_credit_is_the_answer_tokens_kl_only(tmp_path, tiny_train):
+    """``credit_tokens='first_choice'``: the step's KL and |A| are the profile's means over the
+    answer tokens alone (the rationale carries none of the credit)."""
+    example = load_example("credit_profile")
+    trainer = profiled_trainer(tmp_path, tiny_train, credit_tokens="first_choice")
+    profile = example.credit_profile(trainer, RECOMMENDER, step=0)
+    answers = profile[profile["is_answer"]]
+    assert len(profile) > len(answers) == 6  # the rationales have trained tokens too
+    metrics = trainer.train_step()
+    assert answers["kl"].mean() == pytest.approx(metrics["recommender/mean_distill_kl"], rel=1e-4)
+    assert answers["credit"].abs().mean() == pytest.approx(
+        metrics["recommender/mean_abs_credit"], rel=1e-4
+    )
+    assert profile["kl"].mean() != pytest.approx(answers["kl"].mean(), rel=1e-3)
