@@ -237,6 +237,15 @@ class CoARSConfig:
     +0.4, dislike: +0.5 to +1) over accepting it (masked: 0) and accepting a hit (click: +0.6
     to +1) over rejecting it (negative). They did not stop the drift in a CPU check, though:
     see ``user_learning_rate``."""
+    user_class_balance: bool = False
+    """Weigh the user agent's trained turns so that its judgements of the target (hits) and
+    of other items (misses) count equally in each batch (ours): each turn's whole loss, the
+    reward and the credit term, is scaled by n / (2 n_hits) or n / (2 n_misses) (a batch
+    with one class only is left as it is). Why: under an LLM recommender about 3 in 4 judged
+    items are misses (4 candidates), so the batch's class mix, not the hit/miss evidence,
+    sets the user's lean; a scripted ``balanced`` partner fixes the mix but is privileged
+    (docs/results/synthetic_cpu_user_balanced.md). This is the same balance inside CoARS's
+    own loop. Logged: ``user/hit_turns``, ``user/miss_turns``."""
     group_std: bool = True
     """With ``group_normalise``: also divide by the group's standard deviation (GRPO).
     ``--no-group-std`` only subtracts the group mean (Dr. GRPO). Why it matters here: with
@@ -371,6 +380,12 @@ class CoARSConfig:
                 f"credit_tokens={self.credit_tokens!r} finds the decision through constrained "
                 "decoding's forced tokens: set constrained=True or credit_tokens='all'"
             )
+        if self.user_class_balance and USER not in self.trained_agents:
+            raise ValueError(
+                "user_class_balance weighs the user agent's training turns, but the user does "
+                f"not learn here (train_agents={self.train_agents!r}, "
+                f"reward_mode={self.reward_mode!r})"
+            )
         if self.reason_tokens < 1:
             # Caught here, not at the first rollout deep in template compilation.
             raise ValueError(
@@ -436,6 +451,7 @@ class TurnSample:
     reward: float
     turn_mask: float
     credit_mask: torch.Tensor | None = None  # bool per token: the credit's (None: loss_mask)
+    judged_target: bool | None = None  # user turns: was the judged item the target (a hit)?
 
 
 def load_policy(config: CoARSConfig, device: torch.device, model: str | None = None) -> LLMPolicy:
@@ -526,7 +542,9 @@ class CoARSTrainer:
             candidate_numbers=config.candidate_numbers,
             render_prompts=False,
         )
-        n_envs = config.sessions_per_step * config.rollouts_per_session
+        # As many sessions as sample_sessions draws: all of them when the split is smaller.
+        sessions = min(config.sessions_per_step, len(self.train_data.sessions))
+        n_envs = sessions * config.rollouts_per_session
         self.train_env = VectorRecDialogEnv(
             self.train_data, num_envs=n_envs, reveal_target=True, **env_kwargs
         )
@@ -678,6 +696,8 @@ class CoARSTrainer:
                     samples.append(
                         self._sample(agent, ep.session_id, turn, reference, reward, mask)
                     )
+                    if agent == USER:
+                        samples[-1].judged_target = record["rec_item"] == ep.target
         for ep in episodes:
             self.memory[ep.session_id] = ep.turns
         if cfg.group_normalise:
@@ -694,6 +714,8 @@ class CoARSTrainer:
                     )
                     for s, r in zip(members, normalised.tolist()):
                         s.reward = r
+        if cfg.user_class_balance:
+            balance_user_turns([s for s in samples if s.agent == USER])
         return samples
 
     def _sample(
@@ -921,6 +943,10 @@ class CoARSTrainer:
         metrics: dict[str, float] = {"step": float(self.step + 1), "time/generation_s": t_generate}
         metrics.update(self.write_diagnoses(episodes))
         samples = self.build_samples(episodes)
+        if USER in cfg.trained_agents:  # the class mix of what the user trains on
+            judged = [s for s in samples if s.agent == USER and s.turn_mask > 0]
+            metrics["user/hit_turns"] = float(sum(bool(s.judged_target) for s in judged))
+            metrics["user/miss_turns"] = float(len(judged) - metrics["user/hit_turns"])
         for agent in cfg.trained_agents:
             batch = self.pending[agent] + [s for s in samples if s.agent == agent]
             update = self._enough_trained_turns(batch)
@@ -1341,6 +1367,19 @@ _LLM_EVAL_METRICS = (
     "user_recall",
     "user_f1",
 )
+
+
+def balance_user_turns(samples: list[TurnSample]) -> None:
+    """``user_class_balance``: scale the trained user turns' ``turn_mask`` (which weighs each
+    turn's whole loss) so that hits and misses carry equal total weight, n / 2 each; masked
+    turns stay 0, and a batch with one class only is left as it is."""
+    trained = [s for s in samples if s.turn_mask > 0]
+    hits = sum(bool(s.judged_target) for s in trained)
+    misses = len(trained) - hits
+    if not hits or not misses:
+        return
+    for s in trained:
+        s.turn_mask *= len(trained) / (2 * (hits if s.judged_target else misses))
 
 
 def first_choice_mask(forced: torch.Tensor) -> torch.Tensor:

@@ -562,6 +562,8 @@ def test_bad_configs_are_rejected():
         CoARSConfig(reason_tokens=0)
     with pytest.raises(ValueError, match="set constrained=True or credit_tokens='all'"):
         CoARSConfig(credit_tokens="first_choice", constrained=False)
+    with pytest.raises(ValueError, match="the user does not learn here"):
+        CoARSConfig(user_class_balance=True, train_agents="recommender")
     with pytest.raises(ValueError, match="only the user agent may learn: set train_agents='user'"):
         CoARSConfig(recommender_partner="balanced")
     with pytest.raises(ValueError, match="the user agent cannot learn"):
@@ -972,3 +974,45 @@ def test_first_choice_mask_is_the_first_run_of_chosen_tokens():
     assert mask([1, 0, 0, 1, 0]) == [0, 1, 1, 0, 0]
     assert mask([1, 1, 1]) == [0, 0, 0]  # nothing chosen
     assert mask([0, 0]) == [1, 1]
+
+
+def test_balance_user_turns_weighs_hits_and_misses_equally():
+    from coars_agents.coars import TurnSample, balance_user_turns
+
+    def turn(hit: bool, mask: float) -> TurnSample:
+        empty = torch.zeros(0)
+        return TurnSample(USER, 0, [], [], [], empty, empty.bool(), 0.0, mask, judged_target=hit)
+
+    samples = [turn(True, 1.0), turn(False, 1.0), turn(False, 1.0), turn(False, 1.0)]
+    samples.append(turn(False, 0.0))  # masked: out of training, stays out
+    balance_user_turns(samples)
+    # 4 trained turns: the hit gets 4 / (2 * 1) = 2, each miss 4 / (2 * 3) = 2 / 3.
+    assert [s.turn_mask for s in samples] == pytest.approx([2.0, 2 / 3, 2 / 3, 2 / 3, 0.0])
+    only_misses = [turn(False, 1.0), turn(False, 1.0)]
+    balance_user_turns(only_misses)
+    assert [s.turn_mask for s in only_misses] == [1.0, 1.0]
+
+
+def test_user_class_balance_reweighs_the_same_rollouts_and_logs_the_mix(tmp_path):
+    settings = dict(
+        train_agents="user", exclude_miss_positive="none", sessions_per_step=6, total_steps=1
+    )
+    plain = make_trainer(tmp_path / "plain", **settings)
+    balanced = make_trainer(tmp_path / "balanced", user_class_balance=True, **settings)
+
+    def user_samples(trainer: CoARSTrainer) -> list:
+        return [s for s in trainer.build_samples(trainer.rollout_batch(0)) if s.agent == USER]
+
+    # 6 sessions a step from a split of 5: every session, once (it used to fail).
+    assert len(plain.train_data.sessions) == 5 and len(plain.rollout_batch(0)) == 5
+    before, after = user_samples(plain), user_samples(balanced)
+    assert [s.reward for s in before] == [s.reward for s in after]  # only the weights differ
+    assert {s.turn_mask for s in before} <= {0.0, 1.0}
+    trained = [s for s in after if s.turn_mask > 0]
+    hits = [s for s in trained if s.judged_target]
+    misses = [s for s in trained if not s.judged_target]
+    assert hits and misses and len(hits) != len(misses)  # a mix for the weights to correct
+    assert sum(s.turn_mask for s in hits) == pytest.approx(len(trained) / 2)
+    assert sum(s.turn_mask for s in misses) == pytest.approx(len(trained) / 2)
+    metrics = balanced.train_step()  # step 0 again: the same rollouts
+    assert (metrics["user/hit_turns"], metrics["user/miss_turns"]) == (len(hits), len(misses))
