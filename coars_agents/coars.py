@@ -745,6 +745,19 @@ class CoARSTrainer:
             else None,
         )
 
+    def score_teacher(
+        self, agent: str, samples: list[TurnSample], full_distributions: bool = False
+    ) -> list[torch.Tensor]:
+        """The teacher's log-probs of the samples' completions in the context x + d (whole
+        distributions with ``full_distributions``), under ``config.teacher``'s weights: the
+        agent's adapter (``shared``) or the frozen base (``base``). No gradient."""
+        return self.policy.score(
+            [s.teacher_ids for s in samples],
+            [s.completion_ids for s in samples],
+            adapter=agent if self.config.teacher == "shared" else None,
+            full_distributions=full_distributions,
+        )
+
     def train_agent(self, agent: str, samples: list[TurnSample]) -> dict[str, float]:
         """Teacher/student scoring, the credit term and the loss for one agent's adapter."""
         cfg, acc = self.config, self.accelerator
@@ -774,14 +787,7 @@ class CoARSTrainer:
                 chunk = samples[c * cfg.micro_batch_size : (c + 1) * cfg.micro_batch_size]
                 completions = [s.completion_ids for s in chunk]
                 t0 = time.perf_counter()
-                teacher = None
-                if use_teacher:
-                    teacher = self.policy.score(
-                        [s.teacher_ids for s in chunk],
-                        completions,
-                        adapter=agent if cfg.teacher == "shared" else None,
-                        full_distributions=dense,
-                    )
+                teacher = self.score_teacher(agent, chunk, dense) if use_teacher else None
                 reference = None
                 if cfg.kl_coef > 0:
                     reference = self.policy.score(
@@ -820,13 +826,7 @@ class CoARSTrainer:
                 advantages = credit_advantages(teacher_lp, student_lp, credit_mask)
                 # With the dense credit, A is only logged: the KL term carries lambda.
                 coef = 0.0 if dense else self.credit_coef(agent)
-                weights = token_weights(
-                    rewards,
-                    advantages,
-                    token_mask,
-                    coef,
-                    credit_mask if cfg.credit_tokens != "all" else None,
-                )
+                weights = token_weights(rewards, advantages, token_mask, coef, credit_mask)
                 loss = regularised_policy_loss(
                     student_lp,
                     weights,

@@ -148,13 +148,7 @@ def token_weights(
     paper's weight when it equals ``token_mask`` (the default)."""
     token_mask = token_mask.to(advantages.dtype)
     lengths = token_mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-    if credit_mask is None:
-        return (
-            (rewards.to(advantages.dtype)[:, None] + credit_coef * advantages)
-            * token_mask
-            / lengths
-        )
-    credit_mask = credit_mask.to(advantages.dtype)
+    credit_mask = token_mask if credit_mask is None else credit_mask.to(advantages.dtype)
     credit_lengths = credit_mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     reward_part = rewards.to(advantages.dtype)[:, None] * token_mask / lengths
     return reward_part + credit_coef * advantages * credit_mask / credit_lengths

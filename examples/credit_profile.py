@@ -98,12 +98,7 @@ def credit_profile(trainer: CoARSTrainer, agent: str = RECOMMENDER, step: int = 
         chunk = samples[start : start + cfg.micro_batch_size]
         completions = [s.completion_ids for s in chunk]
         with torch.no_grad():
-            teacher = policy.score(
-                [s.teacher_ids for s in chunk],
-                completions,
-                adapter=agent if cfg.teacher == "shared" else None,
-                full_distributions=True,
-            )
+            teacher = trainer.score_teacher(agent, chunk, full_distributions=True)
             student = policy.score(
                 [s.student_ids for s in chunk], completions, adapter=agent, full_distributions=True
             )
